@@ -31,7 +31,7 @@ class MemoryMetricLoss(nn.Module):
     Example:
         >>> loss = MemoryMetricLoss(num_nearest=1, num_hard_negatives=1, radius=0.0, margin=1.0)
         >>> loss(torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 0.5]]))
-        tensor(1.)
+        tensor(0.2500)
     """
 
     def __init__(

@@ -189,7 +189,7 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
             msg = f"memory must have shape (K>0, {self.embedding_dim}), got {tuple(memory.shape)}."
             raise ValueError(msg)
         if not torch.isfinite(memory).all():
-            msg = "memory contains NaN or infinite values."
+            msg = f"memory of shape {tuple(memory.shape)} contains NaN or infinite values."
             raise ValueError(msg)
         self.memory = memory.detach().to(device=self.memory.device, dtype=torch.float32).contiguous()
 

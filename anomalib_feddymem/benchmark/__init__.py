@@ -1,0 +1,34 @@
+"""The benchmark of FedDyMem against Patchcore: ``feddymem benchmark`` (issue: benchmark against PatchCore).
+
+* :mod:`.config`: :class:`BenchmarkConfig` (YAML in ``configs/benchmark/``);
+* :mod:`.methods`: the five methods (federated/central FedDyMem, central/local/federated Patchcore);
+* :mod:`.timing`: torch and OpenVINO inference time on the same images;
+* :mod:`.report`: ``results.csv``, ``results.md``, ablation tables and plots;
+* :mod:`.runner`: :func:`run_benchmark` and :func:`run_ablations`.
+
+Names are imported lazily so that ``import anomalib_feddymem.benchmark.config`` stays light.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    "ABLATIONS": "config",
+    "METHODS": "config",
+    "BenchmarkConfig": "config",
+    "load_benchmark_config": "config",
+    "BenchmarkResult": "runner",
+    "run_ablations": "runner",
+    "run_benchmark": "runner",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:  # noqa: ANN401 - PEP 562 lazy attribute
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -1,0 +1,261 @@
+"""Benchmark outputs: ``results.csv``, ``results.md`` (table, means, targets), ``ablations.*`` and plots.
+
+Undefined metrics (pixel AUROC of a dataset without ``ground_truth``, OpenVINO time of a model
+that is not exported) are empty cells and ``n/a`` in the tables, never zero.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ABLATION_COLUMNS",
+    "COLUMNS",
+    "method_means",
+    "plot_auroc_vs_upload",
+    "plot_heatmaps",
+    "read_csv",
+    "target_checks",
+    "write_ablations",
+    "write_csv",
+    "write_markdown",
+]
+
+COLUMNS = (
+    "method",
+    "dataset",
+    "image_auroc",
+    "pixel_auroc",
+    "upload_bytes_per_round",
+    "fit_s",
+    "infer_ms_per_image",
+    "infer_ms_per_image_openvino",
+    "num_test_images",
+    "num_models",
+)
+ABLATION_COLUMNS = ("ablation", "value", "image_auroc", "pixel_auroc", "upload_bytes_per_round", "fit_s")
+
+
+def _cell(value: Any) -> Any:  # noqa: ANN401
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+def _fmt(value: Any, digits: int = 3) -> str:  # noqa: ANN401
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path, columns: Sequence[str] = COLUMNS) -> Path:
+    """Rows with ``columns`` (undefined values as empty cells)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: _cell(row.get(key)) for key in columns})
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV written by :func:`write_csv` (strings; empty = undefined)."""
+    with Path(path).open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _mean(values: Sequence[Any]) -> float | None:  # noqa: ANN401
+    defined = [float(v) for v in values if v not in (None, "") and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.fmean(defined) if defined else None
+
+
+def method_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per method: means over datasets (AUROCs over the datasets where they are defined)."""
+    means = {}
+    for method in dict.fromkeys(row["method"] for row in rows):
+        mine = [row for row in rows if row["method"] == method]
+        means[method] = {
+            key: _mean([row.get(key) for row in mine])
+            for key in ("image_auroc", "pixel_auroc", "upload_bytes_per_round", "fit_s", "infer_ms_per_image",
+                        "infer_ms_per_image_openvino")
+        }
+    return means
+
+
+def target_checks(
+    rows: Sequence[Mapping[str, Any]], upload_ratios: Mapping[int, float] | None = None
+) -> list[tuple[str, str, str]]:
+    """The issue's targets as ``(target, measured, verdict)`` (``n/a`` when a method did not run)."""
+    means = method_means(rows)
+    fed, central, local = (means.get(m, {}) for m in ("feddymem_federated", "patchcore_central", "patchcore_local"))
+    checks = []
+
+    def add(target: str, measured: float | None, ok: bool | None, text: str) -> None:
+        verdict = "n/a" if ok is None else ("met" if ok else "missed")
+        checks.append((target, text if measured is not None else "n/a", verdict))
+
+    f_img, c_img, l_img = fed.get("image_auroc"), central.get("image_auroc"), local.get("image_auroc")
+    diff = None if f_img is None or c_img is None else f_img - c_img
+    add("feddymem_federated mean image AUROC >= patchcore_central's", diff, None if diff is None else diff >= 0,
+        f"{_fmt(f_img)} vs {_fmt(c_img)} ({_pt(diff)})")
+    f_pix, c_pix = fed.get("pixel_auroc"), central.get("pixel_auroc")
+    pdiff = None if f_pix is None or c_pix is None else f_pix - c_pix
+    add("feddymem_federated mean pixel AUROC within 0.5 pt of patchcore_central's", pdiff,
+        None if pdiff is None else pdiff >= -0.005, f"{_fmt(f_pix)} vs {_fmt(c_pix)} ({_pt(pdiff)})")
+    ldiff = None if f_img is None or l_img is None else f_img - l_img
+    add("feddymem_federated mean image AUROC > patchcore_local's", ldiff, None if ldiff is None else ldiff > 0,
+        f"{_fmt(f_img)} vs {_fmt(l_img)} ({_pt(ldiff)})")
+    worst = max(upload_ratios.values()) if upload_ratios else None
+    add("upload per client per round <= 5% of the same client's patchcore_federated upload", worst,
+        None if worst is None else worst <= 0.05,
+        "" if worst is None else f"worst client {100 * worst:.2f}%, mean {100 * statistics.fmean(upload_ratios.values()):.2f}%")
+    f_ms = fed.get("infer_ms_per_image")
+    c_ms = central.get("infer_ms_per_image")
+    ratio = None if not f_ms or not c_ms else f_ms / c_ms
+    add("FedDyMem inference <= 0.5x Patchcore's ms per image (CPU, torch)", ratio,
+        None if ratio is None else ratio <= 0.5, f"{_fmt(f_ms, 1)} vs {_fmt(c_ms, 1)} ms ({_fmt(ratio, 2)}x)")
+    return checks
+
+
+def _pt(diff: float | None) -> str:
+    return "n/a" if diff is None else f"{100 * diff:+.1f} pt"
+
+
+def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for key in columns:
+            value = row.get(key)
+            if key in ("image_auroc", "pixel_auroc"):
+                cells.append(_fmt(_float(value)))
+            elif key in ("fit_s", "infer_ms_per_image", "infer_ms_per_image_openvino"):
+                cells.append(_fmt(_float(value), 1))
+            elif key == "upload_bytes_per_round":
+                cells.append(_fmt(_float(value), 0))
+            else:
+                cells.append(_fmt(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _float(value: Any) -> float | None:  # noqa: ANN401
+    return None if value in (None, "") else float(value)
+
+
+def write_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    path: Path,
+    *,
+    title: str,
+    preamble: str,
+    upload_ratios: Mapping[int, float] | None = None,
+    notes: str = "",
+) -> Path:
+    """``results.md``: settings, the per-row table, per-method means and the targets."""
+    means = method_means(rows)
+    mean_rows = [{"method": method, **values} for method, values in means.items()]
+    lines = [f"# {title}", "", preamble.strip(), "", "## Results per method and dataset", ""]
+    lines += _table(rows, COLUMNS[:8])
+    lines += ["", "## Means over datasets", ""]
+    lines += _table(mean_rows, ("method", "image_auroc", "pixel_auroc", "upload_bytes_per_round", "fit_s",
+                                "infer_ms_per_image", "infer_ms_per_image_openvino"))
+    if upload_ratios:
+        lines += ["", "## Upload per client per round: FedDyMem / patchcore_federated", "",
+                  "| client | ratio |", "|---|---|"]
+        lines += [f"| {cid} | {100 * ratio:.2f}% |" for cid, ratio in sorted(upload_ratios.items())]
+    lines += ["", "## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
+    lines += [f"| {target} | {measured} | {verdict} |" for target, measured, verdict in target_checks(rows, upload_ratios)]
+    if notes:
+        lines += ["", notes.strip()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_ablations(rows: Sequence[Mapping[str, Any]], output: Path, preamble: str) -> tuple[Path, Path]:
+    """``ablations.csv`` and ``ablations.md`` (mean AUROCs over datasets and bytes per variant)."""
+    csv_path = write_csv(rows, output / "ablations.csv", ABLATION_COLUMNS)
+    lines = ["# FedDyMem ablations", "", preamble.strip(), ""] + _table(rows, ABLATION_COLUMNS)
+    md_path = output / "ablations.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+# ---------------------------------------------------------------------------------------- plots
+def _pyplot() -> Any:  # noqa: ANN401
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def plot_auroc_vs_upload(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    """Mean image AUROC against upload bytes per client per round, one point per method."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method, values in method_means(rows).items():
+        x, y = values["upload_bytes_per_round"] or 0.0, values["image_auroc"]
+        if y is None:
+            continue
+        axis.scatter([x], [y], s=60, label=method)
+        axis.annotate(method, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    axis.set_xscale("symlog", linthresh=1e3)
+    axis.set(xlabel="upload bytes per client per round (0 = no communication)", ylabel="mean image AUROC",
+             title="Accuracy against communication")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_heatmaps(
+    images: np.ndarray,
+    masks: np.ndarray | None,
+    maps: Mapping[str, np.ndarray],
+    path: Path,
+    title: str,
+) -> Path:
+    """A grid: one row per test image; columns image, mask, then each method's anomaly map.
+
+    Each method's maps share one colour scale (its min..max over the shown images), so rows of
+    a column compare; columns do not (raw score scales differ between methods).
+    """
+    plt = _pyplot()
+    count = len(images)
+    columns = 2 + len(maps)
+    figure, axes = plt.subplots(count, columns, figsize=(2.2 * columns, 2.2 * count), squeeze=False)
+    for row in range(count):
+        axes[row, 0].imshow(np.clip(images[row].transpose(1, 2, 0), 0, 1))
+        if masks is not None:
+            axes[row, 1].imshow(masks[row], cmap="gray", vmin=0, vmax=1)
+        else:
+            axes[row, 1].text(0.5, 0.5, "no mask", ha="center", va="center")
+        for col, (method, values) in enumerate(maps.items(), start=2):
+            axes[row, col].imshow(values[row], cmap="jet", vmin=float(values.min()), vmax=float(values.max()))
+            if row == 0:
+                axes[row, col].set_title(method, fontsize=8)
+    axes[0, 0].set_title("image", fontsize=8)
+    axes[0, 1].set_title("ground truth", fontsize=8)
+    for axis in axes.ravel():
+        axis.axis("off")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return path

@@ -1,0 +1,294 @@
+"""``feddymem benchmark``: FedDyMem against Patchcore on the same data, with tables, plots and ablations.
+
+:func:`run_benchmark` runs the methods of :mod:`.methods` on the same datasets, partition,
+backbone, layers and image size, times every model on the same images (:mod:`.timing`) and writes
+``results.csv``, ``results.md``, ``auroc_vs_upload.png`` and ``heatmaps_<dataset>.png``
+(:mod:`.report`); with ``ablations`` it also runs :func:`run_ablations`.
+
+Example:
+    >>> from anomalib_feddymem.benchmark import load_benchmark_config, run_benchmark
+    >>> result = run_benchmark(load_benchmark_config("configs/benchmark/synthetic.yaml"))  # doctest: +SKIP
+    >>> result.output / "results.csv"  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from anomalib_feddymem.data import generate_synthetic_dataset
+from anomalib_feddymem.federation.partition import save_partition_summary
+from anomalib_feddymem.federation.simulation import build_partition
+
+from . import report
+from .config import BenchmarkConfig
+from .methods import (
+    FederatedFedDyMem,
+    MethodRun,
+    dataset_datamodules,
+    run_feddymem_central,
+    run_feddymem_federated,
+    run_patchcore_central,
+    run_patchcore_federated,
+    run_patchcore_local,
+)
+from .timing import compile_openvino, openvino_ms_per_image, timing_images, torch_ms_per_image
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BenchmarkResult", "resolve_datasets", "run_ablations", "run_benchmark"]
+
+
+@dataclass
+class BenchmarkResult:
+    """What a benchmark produced: the rows written to ``results.csv`` and the in-memory runs."""
+
+    output: Path
+    rows: list[dict[str, Any]]
+    runs: dict[str, MethodRun]
+    federated: FederatedFedDyMem | None = None
+    local_patchcores: dict[int, Any] = field(default_factory=dict)
+    upload_ratios: dict[int, float] = field(default_factory=dict)
+    ablation_rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_datasets(config: BenchmarkConfig) -> BenchmarkConfig | None:
+    """The config with a concrete ``data_root`` and only the datasets present; ``None`` if none is.
+
+    Without ``data_root`` the embedded synthetic products are generated under ``output/data``.
+    """
+    if config.data_root is None:
+        root = config.output_dir / "data" / "synthetic"
+        generate_synthetic_dataset(root, config.datasets, image_size=config.image_size, seed=config.seed,
+                                   **config.synthetic)
+        return config.replace(data_root=str(root))
+    root = Path(config.data_root)
+    if not root.is_dir():
+        logger.warning("Skipping the benchmark: data root %s not found.", root)
+        return None
+    present = [name for name in config.datasets if (root / name).is_dir()]
+    missing = [name for name in config.datasets if name not in present]
+    if missing:
+        logger.warning("Skipping dataset folder(s) not found under %s: %s.", root, ", ".join(missing))
+    if not present:
+        logger.warning("Skipping the benchmark: none of %s is a folder of %s.", config.datasets, root)
+        return None
+    return config.replace(datasets=present)
+
+
+def _time_models(config: BenchmarkConfig, runs: dict[str, MethodRun], tests: dict[str, Any]) -> dict[tuple[str, str], dict]:
+    """Torch (and for FedDyMem, OpenVINO) median ms per image of every row's model, same images per dataset."""
+    compiled: dict[int, Any] = {}
+    timings: dict[tuple[str, str], dict] = {}
+    for dataset, module in tests.items():
+        images = timing_images(module, config.timing_images)
+        for method, run in runs.items():
+            model = run.scores[dataset].models[0]
+            entry = {"infer_ms_per_image": torch_ms_per_image(model, images), "infer_ms_per_image_openvino": None}
+            if config.openvino and method.startswith("feddymem"):
+                if id(model) not in compiled:
+                    export_root = config.output_dir / "exports" / method / dataset
+                    compiled[id(model)] = compile_openvino(model, export_root, config.image_size)
+                entry["infer_ms_per_image_openvino"] = openvino_ms_per_image(compiled[id(model)], images)
+            timings[method, dataset] = entry
+    return timings
+
+
+@torch.no_grad()
+def _heatmaps(config: BenchmarkConfig, runs: dict[str, MethodRun], tests: dict[str, Any]) -> list[Path]:
+    """``heatmaps_<dataset>.png``: anomalous test images first, each method's anomaly maps."""
+    paths = []
+    for dataset, module in tests.items():
+        images, masks, labels = [], [], []
+        for batch in module.test_dataloader():
+            images.append(batch.image.float())
+            labels.append(batch.gt_label.reshape(-1))
+            masks.append(None if batch.gt_mask is None else batch.gt_mask.reshape(len(batch.image), *batch.image.shape[-2:]))
+        image = torch.cat(images)
+        order = torch.argsort(-torch.cat(labels).int(), stable=True)[: config.heatmap_images]
+        mask = None if any(m is None for m in masks) else torch.cat(masks).float()[order].numpy()
+        if mask is not None and mask.max() == 0:
+            mask = None  # a dataset without ground_truth
+        maps = {}
+        for method, run in runs.items():
+            model = run.scores[dataset].models[0].cpu().eval()
+            batch = model.pre_processor.transform(image[order]) if model.pre_processor else image[order]
+            anomaly_map = model.model(batch).anomaly_map
+            maps[method] = anomaly_map.reshape(len(order), *anomaly_map.shape[-2:]).float().numpy()
+        path = config.output_dir / f"heatmaps_{dataset}.png"
+        report.plot_heatmaps(image[order].numpy(), mask, maps, path, f"{dataset}: anomaly maps (raw scores)")
+        paths.append(path)
+    return paths
+
+
+def _preamble(config: BenchmarkConfig, command: str | None) -> str:
+    model = ", ".join(f"{k}={v}" for k, v in sorted(config.model.items())) or "defaults"
+    pc = ", ".join(f"{k}={v}" for k, v in sorted(config.patchcore_options().items()))
+    return f"""
+Command: `{command or "run_benchmark(config)"}`
+
+Data: `{config.data_root}` datasets {", ".join(config.datasets)}; {config.clients} clients, partition
+{config.partition} (alpha {config.alpha}), {config.rounds} round(s) of {config.local_epochs} local epoch(s),
+seed {config.seed}, {config.image_size} px for every method. FedDyMem options: {model}. Patchcore
+(anomalib's, exact fast coreset): {pc}; patchcore_federated server keeps a coreset of
+{config.server_coreset_ratio:g} of the union of the clients' coresets.
+
+How rows are formed: central methods train one model per dataset on that dataset's whole training
+set (the datasets are different products: a pooled multi-product model is not what any client
+needs) and test it on the dataset's test set. Federated and local methods run once over the union of
+the datasets partitioned into clients; a dataset's row is the mean AUROC of the clients that hold
+training images of it, each tested on the dataset's whole test set (equal test sizes, so this is
+the test-size-weighted mean; raw scores of different models are not pooled). patchcore_federated
+scores with the server's coreset, the same model on every client.
+
+AUROCs are rank-based on raw scores (`sklearn.metrics.roc_auc_score`, no sigmoid); pixel AUROC is
+n/a for datasets without ground_truth. upload_bytes_per_round: serialized bytes (Flower
+`ArrayRecord`, as sent) one client uploads per round, mean over clients and rounds; 0 for methods
+without communication. fit_s: training wall time on this machine (for a federated or local method
+the whole run, all clients sequentially, repeated in each of its rows). infer_ms_per_image: median
+ms per image, batch 1, full anomalib forward (pre-processing, network, post-processing) on the CPU,
+on the same {config.timing_images} test images of the dataset for every method, in one process;
+_openvino: the same for the FedDyMem model exported with anomalib's `to_openvino` (float32).
+"""
+
+
+def run_benchmark(config: BenchmarkConfig, *, ablations: bool = False, command: str | None = None) -> BenchmarkResult | None:
+    """Run every configured method, write the results and plots; ``None`` when no data was found."""
+    resolved = resolve_datasets(config)
+    if resolved is None:
+        return None
+    config = resolved
+    output = config.output_dir
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "benchmark_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    partition_config = config.federation(output / "runs" / "feddymem_federated")
+    products, partitions, client_modules = build_partition(partition_config, save=False)
+    save_partition_summary(partitions, output, scheme=config.partition, alpha=config.alpha, seed=config.seed,
+                           print_table=False)
+    tests = dataset_datamodules(products, image_size=config.image_size, batch_size=config.batch_size, seed=config.seed)
+
+    runs: dict[str, MethodRun] = {}
+    result = BenchmarkResult(output=output, rows=[], runs=runs)
+    for method in config.methods:
+        logger.info("Benchmark: running %s on %s.", method, ", ".join(tests))
+        if method == "feddymem_federated":
+            runs[method], result.federated = run_feddymem_federated(config, tests)
+        elif method == "feddymem_central":
+            runs[method] = run_feddymem_central(config, tests)
+        elif method == "patchcore_central":
+            runs[method] = run_patchcore_central(config, tests)
+        elif method in ("patchcore_local", "patchcore_federated") and not result.local_patchcores:
+            local, result.local_patchcores = run_patchcore_local(config, client_modules, partitions, tests)
+            if "patchcore_local" in config.methods:
+                runs["patchcore_local"] = local
+            if "patchcore_federated" in config.methods:
+                local_fit = next(iter(local.fit_s.values()))
+                runs["patchcore_federated"], _ = run_patchcore_federated(config, result.local_patchcores, local_fit, tests)
+    runs = {method: runs[method] for method in config.methods}  # table order
+    result.runs = runs
+
+    timings = _time_models(config, runs, tests)
+    for method, run in runs.items():
+        for dataset, score in run.scores.items():
+            result.rows.append({
+                "method": method,
+                "dataset": dataset,
+                "image_auroc": score.result.image_auroc,
+                "pixel_auroc": score.result.pixel_auroc,
+                "upload_bytes_per_round": run.upload_bytes_per_round,
+                "fit_s": run.fit_s[dataset],
+                **timings[method, dataset],
+                "num_test_images": score.result.num_images,
+                "num_models": len(score.models),
+            })
+    if "feddymem_federated" in runs and "patchcore_federated" in runs:
+        fed, pc = runs["feddymem_federated"].upload_bytes, runs["patchcore_federated"].upload_bytes
+        result.upload_ratios = {cid: fed[cid] / pc[cid] for cid in fed if pc.get(cid)}
+    report.write_csv(result.rows, output / "results.csv")
+    report.write_markdown(result.rows, output / "results.md", title="FedDyMem against Patchcore",
+                          preamble=_preamble(config, command), upload_ratios=result.upload_ratios)
+    report.plot_auroc_vs_upload(result.rows, output / "auroc_vs_upload.png")
+    if config.heatmap_images:
+        _heatmaps(config, runs, tests)
+    if ablations:
+        result.ablation_rows = run_ablations(config, tests, baseline=runs.get("feddymem_federated"))
+    return result
+
+
+def _ablation_changes(config: BenchmarkConfig) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(ablation, value, federation changes)`` for every configured variant."""
+
+    def model(**options: Any) -> dict[str, Any]:  # noqa: ANN401
+        return {"model": {**config.model, **options}}
+
+    variants: list[tuple[str, str, dict[str, Any]]] = []
+    for name in config.ablation["variants"]:
+        if name == "no_generator":
+            variants.append((name, "use_generator=False", model(use_generator=False)))
+        elif name == "no_metric_loss":
+            variants.append((name, "use_metric_loss=False", model(use_metric_loss=False)))
+        elif name == "no_dynamic_update":
+            variants.append((name, "memory_momentum=0", model(memory_momentum=0.0)))
+        elif name == "reduce_ratio":
+            variants += [(name, str(v), model(reduce_ratio=v)) for v in config.ablation["reduce_ratios"]]
+        elif name == "global_memory_size":
+            variants += [(name, str(v), model(global_memory_size=v)) for v in config.ablation["global_memory_sizes"]]
+        elif name == "alpha":
+            variants += [(name, str(v), {"alpha": float(v)}) for v in config.ablation["alphas"]]
+    return variants
+
+
+def _summary(ablation: str, value: str, run: MethodRun) -> dict[str, Any]:
+    return {
+        "ablation": ablation,
+        "value": value,
+        "image_auroc": report._mean([s.result.image_auroc for s in run.scores.values()]),  # noqa: SLF001
+        "pixel_auroc": report._mean([s.result.pixel_auroc for s in run.scores.values()]),  # noqa: SLF001
+        "upload_bytes_per_round": run.upload_bytes_per_round,
+        "fit_s": next(iter(run.fit_s.values())),
+    }
+
+
+def run_ablations(
+    config: BenchmarkConfig, tests: dict[str, Any] | None = None, *, baseline: MethodRun | None = None
+) -> list[dict[str, Any]]:
+    """Federated FedDyMem with one component switched off or one option swept; ``ablations.{csv,md}``.
+
+    Variants whose settings equal the full model's reuse its run.
+    """
+    if tests is None:
+        resolved = resolve_datasets(config)
+        if resolved is None:
+            return []
+        config = resolved
+        products, _, _ = build_partition(config.federation(config.output_dir / "runs" / "feddymem_federated"), save=False)
+        tests = dataset_datamodules(products, image_size=config.image_size, batch_size=config.batch_size, seed=config.seed)
+    full_settings = (config.alpha, sorted(config.model.items()))
+    if baseline is None:
+        baseline, _ = run_feddymem_federated(config, tests)
+    rows = [_summary("full", "defaults", baseline)]
+    for ablation, value, changes in _ablation_changes(config):
+        settings = (changes.get("alpha", config.alpha), sorted(changes.get("model", config.model).items()))
+        if settings == full_settings:
+            run = baseline
+        else:
+            logger.info("Ablation %s = %s.", ablation, value)
+            name = f"ablation_{ablation}_{value}".replace("=", "_")
+            run, _ = run_feddymem_federated(config, tests, name=name, **changes)
+        rows.append(_summary(ablation, value, run))
+    preamble = (
+        f"Federated FedDyMem on {', '.join(config.datasets)} ({config.data_root}), {config.clients} clients, "
+        f"{config.partition} alpha {config.alpha} unless swept, {config.rounds} round(s), {config.image_size} px, "
+        f"seed {config.seed}; FedDyMem options {config.model or 'defaults'} unless changed. AUROCs: mean over "
+        "datasets of the rank-based AUROC (per dataset: mean over the clients holding it). "
+        "upload_bytes_per_round: serialized bytes per client per round."
+    )
+    report.write_ablations(rows, config.output_dir, preamble)
+    return rows
+
+

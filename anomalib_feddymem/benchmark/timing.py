@@ -1,0 +1,68 @@
+"""Inference time per model in torch and, for exported models, OpenVINO: same images, same process.
+
+Every model is timed on the *same* raw test images (resized to the benchmark's size, values in
+[0, 1]), one image at a time, through its whole anomalib forward (pre-processor, network,
+post-processor): exactly what the exported OpenVINO model computes, so the two figures compare.
+The figure is the median over the images after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["compile_openvino", "median_ms", "openvino_ms_per_image", "timing_images", "torch_ms_per_image"]
+
+
+def timing_images(datamodule: Any, count: int) -> torch.Tensor:  # noqa: ANN401
+    """The first ``count`` test images of ``datamodule`` as one ``(n, 3, H, W)`` tensor."""
+    images = []
+    for batch in datamodule.test_dataloader():
+        images.append(batch.image.float().cpu())
+        if sum(len(i) for i in images) >= count:
+            break
+    if not images:
+        msg = f"No test images in {getattr(datamodule, 'name', datamodule)} to time the models on."
+        raise ValueError(msg)
+    return torch.cat(images)[:count].contiguous()
+
+
+def median_ms(run: Callable[[torch.Tensor], Any], images: torch.Tensor) -> float:
+    """Median milliseconds of ``run`` over the images, one at a time, after one warm-up call."""
+    run(images[:1])
+    timings = []
+    for image in images:
+        start = time.perf_counter()
+        run(image[None])
+        timings.append((time.perf_counter() - start) * 1000)
+    return float(statistics.median(timings))
+
+
+@torch.no_grad()
+def torch_ms_per_image(module: torch.nn.Module, images: torch.Tensor) -> float:
+    """Median ms per image of an anomalib module's full forward on the CPU."""
+    module = module.cpu().eval()
+    return median_ms(module, images)
+
+
+def compile_openvino(module: Any, export_root: str | Path, image_size: int) -> Any:  # noqa: ANN401
+    """Export ``module`` with anomalib's ``to_openvino`` and compile it for the CPU in float32.
+
+    float32 explicitly: OpenVINO would pick bf16 on CPUs that have it, changing the scores.
+    """
+    import openvino as ov
+
+    module = module.cpu().eval()
+    xml = module.to_openvino(export_root=Path(export_root), input_size=(image_size, image_size))
+    return ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+
+def openvino_ms_per_image(compiled: Any, images: torch.Tensor) -> float:  # noqa: ANN401
+    """Median ms per image of a compiled OpenVINO model on the same images as the torch timing."""
+    return median_ms(lambda batch: compiled(np.ascontiguousarray(batch.numpy())), images)

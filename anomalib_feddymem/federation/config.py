@@ -1,0 +1,200 @@
+"""Settings of a federated run: one dataclass, loadable from YAML, every field also a CLI flag.
+
+``configs/federated/*.yaml`` hold the same keys as :class:`FederationConfig`; ``model`` is a
+mapping of further :class:`~anomalib_feddymem.FedDyMem` options (memory sizes, backbone, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from .partition import SCHEMES
+
+__all__ = ["RUN_CONFIG_KEYS", "FederationConfig", "from_run_config", "load_config"]
+
+
+@dataclass
+class FederationConfig:
+    """Everything a federated FedDyMem run depends on.
+
+    Attributes:
+        data_root: Folder whose sub-folders (``datasets``) are MVTec-layout datasets; ``None``
+            uses the embedded synthetic dataset, generated under ``output/data``.
+        datasets: Products: folder names of ``data_root``, or synthetic product names.
+        clients: Number of clients ``N``.
+        partition: ``category``, ``iid``, ``dirichlet`` or ``quantity``.
+        alpha: Dirichlet concentration (``dirichlet``/``quantity``).
+        rounds: Communication rounds ``R``.
+        local_epochs: Local epochs ``E`` per round.
+        seed: Seed of partition, model initialisation, training and aggregation.
+        output: Output folder (metrics.csv, plots, checkpoints, exports).
+        min_clients: Fewest clients whose valid uploads complete a round.
+        image_size: Square image size of datasets and model.
+        batch_size: Train and eval batch size.
+        max_upload_items: Server-side cap on the items of one upload.
+        keep_checkpoints: Round checkpoints kept on disk (the latest ones).
+        export_openvino: Export every client's final model to OpenVINO IR.
+        progress: Lightning progress bars for local epochs.
+        accelerator: Lightning accelerator of local training.
+        synthetic: Size of the generated dataset (``train_per_product``, ``test_good_per_product``,
+            ``test_defect_per_type``) when ``data_root`` is ``None``.
+        model: Further FedDyMem options, e.g. ``{"memory_size": 512}``.
+    """
+
+    data_root: str | None = None
+    datasets: list[str] = field(default_factory=lambda: ["stripes", "checker", "disc", "grain"])
+    clients: int = 3
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    rounds: int = 3
+    local_epochs: int = 1
+    seed: int = 0
+    output: str = "outputs/federated"
+    min_clients: int = 1
+    image_size: int = 128
+    batch_size: int = 8
+    max_upload_items: int = 65536
+    keep_checkpoints: int = 2
+    export_openvino: bool = False
+    progress: bool = True
+    accelerator: str = "auto"
+    synthetic: dict[str, int] = field(default_factory=lambda: {"train_per_product": 12})
+    model: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Normalise and check every option, naming the bad one."""
+        if isinstance(self.datasets, str):
+            self.datasets = [name.strip() for name in self.datasets.split(",") if name.strip()]
+        self.datasets = list(self.datasets)
+        if self.data_root in ("", None):
+            self.data_root = None
+        if self.partition not in SCHEMES:
+            msg = f"partition must be one of {list(SCHEMES)}, got {self.partition!r}."
+            raise ValueError(msg)
+        positive = {
+            "clients": self.clients,
+            "rounds": self.rounds,
+            "local_epochs": self.local_epochs,
+            "min_clients": self.min_clients,
+            "image_size": self.image_size,
+            "batch_size": self.batch_size,
+            "max_upload_items": self.max_upload_items,
+            "keep_checkpoints": self.keep_checkpoints,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                msg = f"{name} must be an integer >= 1, got {value!r}."
+                raise ValueError(msg)
+        if self.min_clients > self.clients:
+            msg = f"min_clients ({self.min_clients}) cannot exceed clients ({self.clients})."
+            raise ValueError(msg)
+        if not self.alpha > 0:
+            msg = f"alpha must be > 0, got {self.alpha}."
+            raise ValueError(msg)
+        if not self.datasets:
+            msg = "datasets must name at least one product."
+            raise ValueError(msg)
+        if not isinstance(self.model, dict):
+            msg = f"model must be a mapping of FedDyMem options, got {type(self.model).__name__}."
+            raise ValueError(msg)
+
+    @property
+    def output_dir(self) -> Path:
+        """``output`` as a path."""
+        return Path(self.output)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (YAML/JSON)."""
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The options a resumed run must share with the original (not output or display ones)."""
+        ignored = {"output", "progress", "accelerator", "export_openvino", "keep_checkpoints", "rounds"}
+        return {key: value for key, value in self.to_dict().items() if key not in ignored}
+
+    def replace(self, **changes: Any) -> FederationConfig:  # noqa: ANN401
+        """A copy with ``changes`` (``None`` values are ignored: unset CLI flags)."""
+        return dataclasses.replace(self, **{key: value for key, value in changes.items() if value is not None})
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> FederationConfig:  # noqa: ANN401
+    """Read a YAML config (keys of :class:`FederationConfig`) and apply non-``None`` overrides.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: an unknown key or a bad value, naming the file.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            msg = f"Config file not found: {path}."
+            raise FileNotFoundError(msg)
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            msg = f"{path}: expected a mapping of options at the top level."
+            raise ValueError(msg)
+        known = {f.name for f in dataclasses.fields(FederationConfig)}
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            msg = f"{path}: unknown option(s) {unknown}; known: {sorted(known)}."
+            raise ValueError(msg)
+        values.update(loaded)
+    model_overrides = overrides.pop("model", None) or {}
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    values["model"] = {**values.get("model", {}), **model_overrides}
+    try:
+        return FederationConfig(**values)
+    except (TypeError, ValueError) as error:
+        where = f"{path}: " if path is not None else ""
+        raise ValueError(f"{where}{error}") from error
+
+
+#: Flower run-config keys ([tool.flwr.app.config] in pyproject.toml) -> FederationConfig fields.
+RUN_CONFIG_KEYS = {
+    "num-server-rounds": "rounds",
+    "local-epochs": "local_epochs",
+    "data-root": "data_root",
+    "datasets": "datasets",
+    "num-clients": "clients",
+    "partition": "partition",
+    "alpha": "alpha",
+    "seed": "seed",
+    "min-clients": "min_clients",
+    "image-size": "image_size",
+    "batch-size": "batch_size",
+    "output": "output",
+}
+#: Run-config keys that are FedDyMem model options.
+RUN_CONFIG_MODEL_KEYS = {"backbone": "backbone", "pre-trained": "pre_trained"}
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> FederationConfig:
+    """The :class:`FederationConfig` of a Flower run (``flwr run --run-config 'k=v ...'``).
+
+    With a non-empty ``config-file`` (a YAML like ``configs/federated/*.yaml``, read on every
+    machine), that file gives every setting except ``output``; otherwise the run-config keys do,
+    ``model`` being a YAML mapping of further FedDyMem options (``"{memory_size: 512}"``).
+    """
+    config_file = str(run_config.get("config-file", "") or "")
+    if config_file:
+        output = run_config.get("output") or None
+        return load_config(config_file, output=output, progress=False)
+    values: dict[str, Any] = {field_name: run_config[key] for key, field_name in RUN_CONFIG_KEYS.items() if key in run_config}
+    for key in ("output", "datasets", "data_root"):  # "" means: the default
+        if values.get(key) in ("", None):
+            values.pop(key, None)
+    model = yaml.safe_load(str(run_config.get("model", "") or "")) or {}
+    if not isinstance(model, dict):
+        msg = f"run config 'model' must be a YAML mapping of FedDyMem options, got {run_config.get('model')!r}."
+        raise ValueError(msg)
+    for key, option in RUN_CONFIG_MODEL_KEYS.items():
+        if key in run_config and option not in model:
+            model[option] = run_config[key]
+    return load_config(None, progress=False, model=model, **values)

@@ -1,0 +1,154 @@
+"""Clients' anomalib datamodules: products from folders, and a partition's share of them.
+
+A client's datamodule is built by filtering the products' own datasets (their ``samples``
+DataFrames), so it works for any anomalib image datamodule and keeps anomalib's image/mask
+loading. Products of different image sizes are resized in the datasets so they batch together.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from anomalib.data.datamodules.base.image import AnomalibDataModule
+from anomalib.data.datasets.base.image import AnomalibDataset
+from torchvision.transforms.v2 import Resize
+
+from anomalib_feddymem.data import folder_datamodule
+
+from .partition import ClientPartition, PartitionError
+
+__all__ = ["ClientDataModule", "client_datamodules", "folder_products", "product_sizes"]
+
+
+class ClientDataModule(AnomalibDataModule):
+    """One client's share: given train and test datasets, used as they are.
+
+    anomalib's ``setup`` would re-split the test set (and drop its normal images under
+    ``TestSplitMode.NONE``); a client's datasets are final, so ``setup`` only applies the
+    augmentations (and the model's resize when attached to a trainer, as anomalib does).
+    """
+
+    def __init__(self, name: str, train_data: AnomalibDataset, test_data: AnomalibDataset, **kwargs: Any) -> None:  # noqa: ANN401
+        super().__init__(**kwargs)
+        self._name = name
+        self.train_data = train_data
+        self.test_data = test_data
+        self.val_data = test_data
+
+    @property
+    def name(self) -> str:
+        """The client's name, e.g. ``client_0``."""
+        return self._name
+
+    def _setup(self, _stage: str | None = None) -> None:
+        """Nothing to set up: the datasets are given."""
+
+    def setup(self, stage: str | None = None) -> None:
+        """Apply augmentations only (no re-splitting)."""
+        del stage
+        self._update_augmentations()
+
+
+def folder_products(
+    data_root: str | Path,
+    datasets: Sequence[str],
+    *,
+    check_images: bool = True,
+    seed: int = 0,
+) -> dict[str, AnomalibDataModule]:
+    """Validated anomalib ``Folder`` datamodules, one per MVTec-layout folder ``data_root/<name>``."""
+    data_root = Path(data_root)
+    if not datasets:
+        msg = f"No datasets named: pass --datasets a,b,... (folders of {data_root})."
+        raise PartitionError(msg)
+    duplicates = sorted({name for name in datasets if list(datasets).count(name) > 1})
+    if duplicates:
+        msg = f"--datasets names {duplicates} more than once."
+        raise PartitionError(msg)
+    return {name: folder_datamodule(data_root / name, check_images=check_images, seed=seed) for name in datasets}
+
+
+def product_sizes(products: Mapping[str, AnomalibDataModule]) -> dict[str, int]:
+    """Number of normal training samples of every product (sets the datamodules up)."""
+    sizes = {}
+    for name, datamodule in products.items():
+        datamodule.setup()
+        sizes[name] = len(datamodule.train_data)
+    return sizes
+
+
+def _concat(datasets: Sequence[AnomalibDataset]) -> AnomalibDataset:
+    """One dataset with the samples of all ``datasets`` (a copy of the first, like anomalib's ``+``).
+
+    anomalib's ``__add__`` insists on the same dataset class; products of different datasets
+    (``Folder``, ``MVTecAD``) share the ``samples`` columns, so their rows concatenate.
+    """
+    dataset = copy.deepcopy(datasets[0])
+    dataset.samples = pd.concat([d.samples for d in datasets], ignore_index=True)
+    return dataset
+
+
+def client_datamodules(
+    products: Mapping[str, AnomalibDataModule],
+    partitions: Sequence[ClientPartition],
+    *,
+    image_size: int | None = None,
+    train_batch_size: int = 8,
+    eval_batch_size: int = 8,
+    num_workers: int = 0,
+    seed: int = 0,
+) -> list[ClientDataModule]:
+    """One datamodule per client from the products' datamodules and a partition.
+
+    Each product's datamodule is set up once; a client's training set is its rows of the
+    products' ``train_data``, its test set the full ``test_data`` of every product it holds.
+    Fills ``partition.num_test``.
+
+    Args:
+        products: product name -> anomalib image datamodule, in the order given to
+            :func:`~anomalib_feddymem.federation.partition.partition_indices`.
+        partitions: The partition of the same products.
+        image_size: Resize images and masks to this square size in the datasets (products of
+            different sizes then batch together); ``None`` keeps the datamodules' own.
+        train_batch_size, eval_batch_size, num_workers, seed: For every client datamodule.
+    """
+    prepared = {}
+    for name, datamodule in products.items():
+        datamodule.setup()
+        prepared[name] = (datamodule.train_data, datamodule.test_data)
+    unknown = {name for part in partitions for name in part.test_products} - set(prepared)
+    if unknown:
+        msg = f"The partition names product(s) {sorted(unknown)} that were not given; products: {list(prepared)}."
+        raise PartitionError(msg)
+    augmentations = Resize((image_size, image_size), antialias=True) if image_size else None
+    modules = []
+    for part in partitions:
+        train_sets, test_sets = [], []
+        for name in part.test_products:
+            train, test = prepared[name]
+            if int(part.train[name].max()) >= len(train):
+                msg = (
+                    f"Product {name!r} has {len(train)} training samples but the partition indexes "
+                    f"{int(part.train[name].max())}: it was computed for other data."
+                )
+                raise PartitionError(msg)
+            train_sets.append(train.subsample(part.train[name].tolist()))
+            test_sets.append(test)
+            part.num_test[name] = len(test)
+        modules.append(
+            ClientDataModule(
+                name=f"client_{part.client_id}",
+                train_data=_concat(train_sets),
+                test_data=_concat(test_sets),
+                train_batch_size=train_batch_size,
+                eval_batch_size=eval_batch_size,
+                num_workers=num_workers,
+                augmentations=augmentations,
+                seed=seed,
+            )
+        )
+    return modules

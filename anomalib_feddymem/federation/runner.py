@@ -1,0 +1,258 @@
+"""The round loop shared by every runner: instructions out, uploads in, server step, evaluation.
+
+A runner only provides a :class:`Transport` (how instructions reach clients and replies come
+back): :class:`~anomalib_feddymem.federation.simulation.InProcessTransport` calls clients in this
+process, :class:`~anomalib_feddymem.flower.server_app.FlowerTransport` sends Flower messages.
+Everything else, including fault handling, metrics, byte counts and checkpoints, lives here once.
+
+A round ``r``:
+
+1. ``train`` to every client: ``config`` (round, the round of ``G`` it should hold) plus
+   ``G_{r-1}`` itself when the client is not known to hold it (byte-counted as download);
+2. the server step over the uploads that came back (byte-counted as upload); failed clients and
+   rejected uploads are logged and the round continues if ``min_clients`` uploads are valid;
+3. ``evaluate`` to every client with ``G_r`` (download): each installs it and reports
+   rank-based image/pixel AUROC on its own test images;
+4. ``metrics.csv``, ``metrics.png`` and a checkpoint are written.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+from rich.console import Console
+
+from .checkpoint import Checkpointer, CheckpointError, ServerState
+from .config import FederationConfig
+from .messages import decode_memory, encode_memory, record_nbytes
+from .metrics import plot_metrics, round_table, write_metrics_csv
+from .server import FederationError, server_step
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ClientFailure", "FederationResult", "Transport", "model_option", "run_federation"]
+
+
+@dataclass
+class ClientFailure:
+    """A client that raised, or did not reply in time."""
+
+    reason: str
+
+
+class Transport(Protocol):
+    """How the round loop reaches the clients."""
+
+    client_ids: list[int]
+
+    def train(self, round_number: int, instructions: Mapping[int, RecordDict]) -> dict[int, RecordDict | ClientFailure]:
+        """Send ``train`` instructions; a reply or a failure per client."""
+
+    def evaluate(
+        self, round_number: int, instructions: Mapping[int, RecordDict]
+    ) -> dict[int, RecordDict | ClientFailure]:
+        """Send ``evaluate`` instructions; a reply or a failure per client."""
+
+    def client_states(self) -> dict[int, dict[str, Any]]:
+        """States to checkpoint with the server (empty when clients keep their own)."""
+
+    def restore(self, folder: Path) -> None:
+        """Restore client states from a checkpoint folder (for ``--resume``)."""
+
+    def export(self, export_root: Path) -> dict[int, Path]:
+        """Export each client's final model (OpenVINO); empty when clients export themselves."""
+
+
+@dataclass
+class FederationResult:
+    """The outcome of a run."""
+
+    global_memory: torch.Tensor
+    global_weights: torch.Tensor
+    rows: list[dict[str, Any]]
+    output: Path
+    exports: dict[int, Path]
+
+
+def model_option(config: FederationConfig, name: str) -> Any:  # noqa: ANN401
+    """A FedDyMem option as the clients use it: from ``config.model`` or FedDyMem's default."""
+    if name in config.model:
+        return config.model[name]
+    from anomalib_feddymem.models.feddymem import FedDyMem
+
+    return inspect.signature(FedDyMem.__init__).parameters[name].default
+
+
+def _failure_text(failures: Mapping[int, str]) -> str:
+    return "; ".join(f"client {cid}: {reason}" for cid, reason in sorted(failures.items())) or "none"
+
+
+def _start_state(config: FederationConfig, transport: Transport, checkpointer: Checkpointer, resume: bool) -> ServerState:
+    if not resume:
+        if checkpointer.exists():
+            msg = (
+                f"{config.output} already holds a run's checkpoint ({checkpointer.latest_file}): pass --resume to "
+                "continue it, or choose another --output."
+            )
+            raise CheckpointError(msg)
+        return ServerState(identity=config.identity())
+    state, folder = checkpointer.load()
+    if state.identity != config.identity():
+        changed = sorted(k for k in config.identity() if state.identity.get(k) != config.identity()[k])
+        msg = f"Cannot resume {folder}: it was made with other settings ({changed}); use the original ones."
+        raise CheckpointError(msg)
+    transport.restore(folder)
+    logger.info("Resuming after round %d from %s.", state.round, folder)
+    return state
+
+
+def run_federation(
+    transport: Transport,
+    config: FederationConfig,
+    *,
+    resume: bool = False,
+    console: Console | None = None,
+) -> FederationResult:
+    """Run (or resume) ``config.rounds`` rounds of FedDyMem over ``transport``.
+
+    Raises:
+        FederationError: a round got fewer than ``min_clients`` valid uploads; the checkpoint of
+            the last completed round is left intact (``--resume`` continues from it).
+        CheckpointError: ``--resume`` without a matching checkpoint, or a checkpoint in the way.
+    """
+    console = console or Console()
+    output = config.output_dir
+    output.mkdir(parents=True, exist_ok=True)
+    checkpointer = Checkpointer(output, keep=config.keep_checkpoints)
+    state = _start_state(config, transport, checkpointer, resume)
+    size = int(model_option(config, "global_memory_size"))
+    embedding_dim = int(model_option(config, "embedding_dim"))
+    for round_number in range(state.round + 1, config.rounds + 1):
+        console.rule(f"[bold]Round {round_number}/{config.rounds}")
+        previous = state.global_memory
+        memory_record = encode_memory(previous) if previous is not None else None
+        download = {cid: 0 for cid in transport.client_ids}
+        instructions = {}
+        for cid in transport.client_ids:
+            content = RecordDict({
+                "config": ConfigRecord({"round": round_number, "memory-round": state.round if previous is not None else -1})
+            })
+            if previous is not None and state.memory_rounds.get(cid) != state.round:
+                content["global-memory"] = memory_record
+                download[cid] += record_nbytes(memory_record)
+            instructions[cid] = content
+        replies = transport.train(round_number, instructions)
+
+        uploads, upload_bytes, failures, fit_info = {}, {}, {}, {}
+        for cid in transport.client_ids:
+            reply = replies.get(cid, ClientFailure("no reply"))
+            if isinstance(reply, ClientFailure):
+                failures[cid] = reply.reason
+                continue
+            try:
+                uploads[cid] = decode_memory(reply["upload"])
+            except (KeyError, ValueError, TypeError) as error:
+                failures[cid] = f"malformed reply: {error}"
+                continue
+            upload_bytes[cid] = record_nbytes(reply["upload"])
+            fit_info[cid] = dict(reply["metrics"]) if "metrics" in reply else {}
+        if failures:
+            logger.warning("Round %d: %d client(s) failed: %s.", round_number, len(failures), _failure_text(failures))
+        where = (
+            f"the checkpoint of round {state.round} in {checkpointer.root} is intact (--resume continues from it)"
+            if state.round
+            else "no round was completed, nothing was checkpointed"
+        )
+        if len(uploads) < config.min_clients:
+            msg = (
+                f"Round {round_number}: only {len(uploads)} of {len(transport.client_ids)} clients replied "
+                f"(min_clients={config.min_clients}). Failed: {_failure_text(failures)}. Stopping; {where}."
+            )
+            raise FederationError(msg)
+        try:
+            result = server_step(
+                uploads,
+                size=size,
+                embedding_dim=embedding_dim,
+                max_items=config.max_upload_items,
+                seed=config.seed,
+                previous=previous,
+                min_clients=config.min_clients,
+            )
+        except FederationError as error:
+            msg = f"Round {round_number}: {error} Failed: {_failure_text(failures)}. Stopping; {where}."
+            raise FederationError(msg) from error
+        if result.rejected:
+            logger.warning("Round %d: rejected upload(s): %s.", round_number, _failure_text(result.rejected))
+
+        new_record = encode_memory(result.global_memory)
+        eval_instructions = {}
+        for cid in transport.client_ids:
+            eval_instructions[cid] = RecordDict({
+                "config": ConfigRecord({"round": round_number, "memory-round": round_number}),
+                "global-memory": new_record,
+            })
+            download[cid] += record_nbytes(new_record)
+        eval_replies = transport.evaluate(round_number, eval_instructions)
+        eval_failures = {}
+        for cid in transport.client_ids:
+            reply = eval_replies.get(cid, ClientFailure("no reply"))
+            metrics: dict[str, Any] = {}
+            if isinstance(reply, ClientFailure):
+                eval_failures[cid] = reply.reason
+            else:
+                metrics = dict(reply["metrics"])
+                state.memory_rounds[cid] = round_number
+            if cid in failures:
+                status = f"failed: {failures[cid]}"
+            elif cid in result.rejected:
+                status = f"rejected: {result.rejected[cid]}"
+            elif cid in eval_failures:
+                status = f"eval failed: {eval_failures[cid]}"
+            else:
+                status = "ok"
+            state.rows.append({
+                "round": round_number,
+                "client": cid,
+                "image_auroc": metrics.get("image-auroc"),
+                "pixel_auroc": metrics.get("pixel-auroc"),
+                "upload_bytes": upload_bytes.get(cid, 0),
+                "download_bytes": download[cid],
+                "status": status,
+                "train_images": fit_info.get(cid, {}).get("num-train"),
+                "test_images": metrics.get("num-test"),
+                "global_memory_items": int(result.global_memory.shape[0]),
+                "fit_seconds": fit_info.get(cid, {}).get("fit-seconds"),
+                "eval_seconds": metrics.get("eval-seconds"),
+            })
+        if eval_failures:
+            logger.warning("Round %d: evaluation failed on %s.", round_number, _failure_text(eval_failures))
+
+        state.round = round_number
+        state.global_memory = result.global_memory
+        state.global_weights = result.weights
+        folder = checkpointer.save(state, transport.client_states())
+        write_metrics_csv(state.rows, output / "metrics.csv")
+        plot_metrics(state.rows, output / "metrics.png")
+        console.print(round_table(state.rows, round_number))
+        logger.info("Round %d done: G has %d items; checkpoint %s.", round_number, len(result.global_memory), folder)
+
+    if state.global_memory is None:
+        msg = f"Nothing to do: rounds={config.rounds} and the checkpoint already completed round {state.round}."
+        raise FederationError(msg)
+    write_metrics_csv(state.rows, output / "metrics.csv")
+    exports = transport.export(output / "exports") if config.export_openvino else {}
+    return FederationResult(
+        global_memory=state.global_memory,
+        global_weights=state.global_weights,
+        rows=state.rows,
+        output=output,
+        exports=exports,
+    )

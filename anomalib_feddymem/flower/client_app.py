@@ -1,0 +1,88 @@
+"""Flower ``ClientApp``: the client step on this SuperNode's partition.
+
+Each message rebuilds the client (model seeded exactly as in the simulation, the partition from
+the run config and ``partition-id``) and restores its state from ``context.state``, so the node
+behaves like the simulation's persistent client. Training data never leaves the node.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from anomalib_feddymem.federation.client import FedDyMemClient, handle_evaluate, handle_train
+from anomalib_feddymem.federation.config import FederationConfig, from_run_config
+from anomalib_feddymem.federation.simulation import build_client, build_partition
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["app", "load_client"]
+
+STATE_MODEL = "feddymem-model"
+STATE_META = "feddymem-meta"
+
+app = ClientApp()
+
+
+def _node_config(context: Context, config: FederationConfig) -> int:
+    """This node's partition id, checked against the run's number of clients."""
+    if "partition-id" not in context.node_config:
+        msg = "SuperNode has no 'partition-id' in its --node-config (e.g. \"partition-id=0 num-partitions=2\")."
+        raise ValueError(msg)
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config.get("num-partitions", config.clients))
+    if num_partitions != config.clients or not 0 <= partition_id < config.clients:
+        msg = (
+            f"Node config partition-id={partition_id} num-partitions={num_partitions} does not fit the run's "
+            f"num-clients={config.clients}."
+        )
+        raise ValueError(msg)
+    return partition_id
+
+
+def load_client(context: Context) -> FedDyMemClient:
+    """This node's client, restored from ``context.state`` when it has trained before."""
+    config = from_run_config(context.run_config)
+    partition_id = _node_config(context, config)
+    # each node writes (generated data, Lightning files) under its own folder
+    config = config.replace(output=str(config.output_dir / f"client_{partition_id}"))
+    _, _, datamodules = build_partition(config, save=False)
+    client = build_client(config, partition_id, datamodules[partition_id])
+    if STATE_MODEL in context.state:
+        state = context.state[STATE_MODEL].to_torch_state_dict()
+        client.load_state_dict({"model": state, "memory_round": int(context.state[STATE_META]["memory-round"])})
+    return client
+
+
+def _save(client: FedDyMemClient, context: Context) -> None:
+    state = client.state_dict()
+    context.state[STATE_MODEL] = ArrayRecord(torch_state_dict=state["model"])
+    context.state[STATE_META] = ConfigRecord({"memory-round": state["memory_round"]})
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (and its sizes)."""
+    config = from_run_config(context.run_config)
+    partition_id = _node_config(context, config)
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Client step: local epochs against ``G``, dynamic memory, memory-reduce; reply with the upload."""
+    client = load_client(context)
+    content = handle_train(client, msg.content)
+    _save(client, context)
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Install this round's ``G`` and report rank-based AUROCs on this node's test images."""
+    client = load_client(context)
+    content = handle_evaluate(client, msg.content)
+    _save(client, context)
+    return Message(content, reply_to=msg)

@@ -1,0 +1,127 @@
+"""Flower ``ServerApp``: the shared round loop over Flower messages.
+
+:class:`FlowerTransport` maps partition ids to SuperNodes (a ``query`` message), sends ``train``
+and ``evaluate`` instructions, and turns error replies and missing replies (a node that crashed
+or disconnected) into client failures, which the round loop logs and tolerates down to
+``min-clients``. Aggregation is the shared server step (validation + weighted k-means).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from anomalib_feddymem.federation.checkpoint import CheckpointError
+from anomalib_feddymem.federation.config import FederationConfig, from_run_config
+from anomalib_feddymem.federation.runner import ClientFailure, run_federation
+from anomalib_feddymem.federation.server import FederationError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FlowerTransport", "app"]
+
+app = ServerApp()
+
+
+class FlowerTransport:
+    """The round loop's transport over a Flower ``Grid``.
+
+    Args:
+        grid: The ServerApp's grid.
+        config: The run's settings (``clients`` nodes are awaited).
+        timeout: Seconds to wait for the replies of one phase of a round.
+        connect_timeout: Seconds to wait for all SuperNodes to connect.
+    """
+
+    def __init__(self, grid: Grid, config: FederationConfig, *, timeout: float = 3600, connect_timeout: float = 300) -> None:
+        self.grid = grid
+        self.timeout = timeout
+        self.nodes = self._discover(config.clients, connect_timeout)
+        self.client_ids = sorted(self.nodes)
+
+    def _discover(self, clients: int, connect_timeout: float) -> dict[int, int]:
+        """partition id -> node id, by asking every connected node."""
+        deadline = time.monotonic() + connect_timeout
+        node_ids = list(self.grid.get_node_ids())
+        while len(node_ids) < clients and time.monotonic() < deadline:
+            time.sleep(1)
+            node_ids = list(self.grid.get_node_ids())
+        if len(node_ids) < clients:
+            msg = f"Only {len(node_ids)} SuperNode(s) connected within {connect_timeout:.0f}s; num-clients={clients}."
+            raise FederationError(msg)
+        messages = [Message(RecordDict({"config": ConfigRecord({})}), node, "query") for node in node_ids]
+        nodes: dict[int, int] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=connect_timeout):
+            if reply.has_error():
+                logger.warning("Node %s failed the query: %s", reply.metadata.src_node_id, reply.error.reason)
+                continue
+            partition_id = int(reply.content["metrics"]["partition-id"])
+            if partition_id in nodes:
+                msg = f"Two SuperNodes hold partition-id={partition_id}: give each a different one."
+                raise FederationError(msg)
+            nodes[partition_id] = reply.metadata.src_node_id
+        missing = sorted(set(range(clients)) - set(nodes))
+        if missing:
+            logger.warning("No SuperNode holds partition(s) %s; they count as failed clients.", missing)
+        logger.info("SuperNodes by partition id: %s", nodes)
+        return nodes
+
+    def _send(self, kind: str, round_number: int, instructions: Mapping[int, RecordDict]) -> dict:
+        replies: dict[int, RecordDict | ClientFailure] = {}
+        by_node = {self.nodes[cid]: cid for cid in instructions if cid in self.nodes}
+        messages = [
+            Message(content, self.nodes[cid], kind, group_id=str(round_number))
+            for cid, content in instructions.items()
+            if cid in self.nodes
+        ]
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            cid = by_node.get(reply.metadata.src_node_id)
+            if cid is None:
+                continue
+            if reply.has_error():
+                replies[cid] = ClientFailure(f"error on node: {reply.error.reason}")
+            else:
+                replies[cid] = reply.content
+        for cid in instructions:
+            if cid not in replies:
+                replies[cid] = ClientFailure(
+                    f"no reply within {self.timeout:.0f}s (node disconnected?)" if cid in self.nodes else "no SuperNode"
+                )
+        return replies
+
+    def train(self, round_number: int, instructions: Mapping[int, RecordDict]) -> dict:
+        """``train`` messages to the clients' nodes."""
+        return self._send("train", round_number, instructions)
+
+    def evaluate(self, round_number: int, instructions: Mapping[int, RecordDict]) -> dict:
+        """``evaluate`` messages to the clients' nodes."""
+        return self._send("evaluate", round_number, instructions)
+
+    def client_states(self) -> dict:
+        """Nothing: SuperNodes keep their clients' state themselves."""
+        return {}
+
+    def restore(self, folder: Path) -> None:
+        """Flower clients cannot be rolled back from the server."""
+        msg = f"--resume is for the in-process simulation; a Flower run cannot restore its clients from {folder}."
+        raise CheckpointError(msg)
+
+    def export(self, export_root: Path) -> dict:
+        """Clients' models stay on their nodes (export them there with anomalib)."""
+        del export_root
+        return {}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation configured by the run config."""
+    config = from_run_config(context.run_config)
+    timeout = float(context.run_config.get("round-timeout", 3600))
+    transport = FlowerTransport(grid, config, timeout=timeout)
+    result = run_federation(transport, config)
+    logger.info("Federation finished: G has %d items; metrics in %s.", len(result.global_memory), result.output / "metrics.csv")
