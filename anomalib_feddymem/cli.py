@@ -220,5 +220,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+# ----------------------------------------------------------------------------------- benchmark
+def add_benchmark_parser(subparsers: Any) -> None:  # noqa: ANN401
+    """``feddymem benchmark``: FedDyMem against Patchcore (see :mod:`anomalib_feddymem.benchmark`)."""
+    parser = subparsers.add_parser("benchmark", help="FedDyMem vs Patchcore: tables, plots, ablations.")
+    _add_federation_flags(parser)
+    parser.add_argument("--rounds", type=int, help="Communication rounds of FedDyMem.")
+    parser.add_argument("--local-epochs", type=int, help="Local epochs per round.")
+    parser.add_argument("--batch-size", type=int, help="Train/eval batch size.")
+    parser.add_argument("--methods", help="Comma-separated subset of the compared methods.")
+    parser.add_argument("--model", action="append", type=_model_option, metavar="KEY=VALUE",
+                        help="A FedDyMem option, e.g. --model reduce_ratio=16 (repeatable).")
+    parser.add_argument("--ablations", action="store_true", help="Also run the ablations (ablations.csv/md).")
+    parser.add_argument("--no-openvino", action="store_true", help="Skip the OpenVINO export and timing.")
+
+
+def run_benchmark_command(args: argparse.Namespace) -> int:
+    """Build the benchmark config from ``--config`` and flags and run it."""
+    from anomalib_feddymem.benchmark import load_benchmark_config, run_benchmark
+
+    keys = ("data_root", "datasets", "clients", "partition", "alpha", "rounds", "local_epochs", "seed", "output",
+            "image_size", "batch_size", "methods")
+    overrides = {key: getattr(args, key) for key in keys}
+    overrides["openvino"] = False if args.no_openvino else None
+    overrides["model"] = dict(args.model or [])
+    config = load_benchmark_config(args.config, **overrides)
+    result = run_benchmark(config, ablations=args.ablations, command=" ".join(["feddymem", *sys.argv[1:]]))
+    if result is None:
+        print("Skipped the benchmark: no dataset folder found (see the warning above).")
+        return 0
+    print((result.output / "results.md").read_text())
+    logger.info("Benchmark outputs in %s: results.csv, results.md, auroc_vs_upload.png, heatmaps_*.png.", result.output)
+    return 0
+
+
+SUBCOMMANDS["benchmark"] = (add_benchmark_parser, run_benchmark_command)
+
+
 if __name__ == "__main__":
     sys.exit(main())

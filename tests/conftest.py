@@ -163,7 +163,7 @@ def run_cli(
     return result
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def cli() -> Callable[..., subprocess.CompletedProcess]:
     """:func:`run_cli` as a fixture, for test files that run the console scripts."""
     return run_cli

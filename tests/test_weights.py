@@ -9,6 +9,7 @@ key conversion. Unknown backbones and layers, and unreachable weights, fail with
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -107,12 +108,7 @@ def test_unreachable_weights_say_what_to_do(tmp_path: Path) -> None:
             print("LOADED")
         """
     )
-    env = {
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf"),
-        "TORCH_HOME": str(tmp_path / "torch"),
-        "PATH": "/usr/bin:/bin",
-    }
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False)
     output = result.stdout + result.stderr
     assert "RUNTIME_ERROR: Could not load ImageNet weights for backbone 'resnet18'" in output, output[-3000:]

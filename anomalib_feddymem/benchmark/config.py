@@ -69,6 +69,7 @@ class BenchmarkConfig:
             that the server keeps (a k-center greedy coreset of the union).
         openvino: Also time the FedDyMem models exported to OpenVINO.
         timing_images: Test images (of each dataset) every model is timed on, one at a time.
+        timing_threads: CPU threads of torch and OpenVINO while timing (1: stable on a shared CPU).
         heatmap_images: Test images per dataset shown in the heatmap figure.
         accelerator: Lightning accelerator of training (evaluation and timing run on the CPU).
         synthetic: Size of the generated data when ``data_root`` is ``None``.
@@ -93,6 +94,7 @@ class BenchmarkConfig:
     server_coreset_ratio: float = 0.1
     openvino: bool = True
     timing_images: int = 8
+    timing_threads: int = 1
     heatmap_images: int = 3
     accelerator: str = "auto"
     synthetic: dict[str, int] = field(default_factory=lambda: {"train_per_product": 12})
@@ -117,7 +119,7 @@ class BenchmarkConfig:
         if self.partition not in SCHEMES:
             msg = f"partition must be one of {list(SCHEMES)}, got {self.partition!r}."
             raise ValueError(msg)
-        for name in ("clients", "rounds", "local_epochs", "image_size", "batch_size", "timing_images"):
+        for name in ("clients", "rounds", "local_epochs", "image_size", "batch_size", "timing_images", "timing_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 msg = f"{name} must be an integer >= 1, got {value!r}."

@@ -51,6 +51,8 @@ class BenchmarkResult:
     output: Path
     rows: list[dict[str, Any]]
     runs: dict[str, MethodRun]
+    config: BenchmarkConfig | None = None
+    """The config as run (concrete ``data_root``, only the datasets found)."""
     federated: FederatedFedDyMem | None = None
     local_patchcores: dict[int, Any] = field(default_factory=dict)
     upload_ratios: dict[int, float] = field(default_factory=dict)
@@ -89,11 +91,14 @@ def _time_models(config: BenchmarkConfig, runs: dict[str, MethodRun], tests: dic
         images = timing_images(module, config.timing_images)
         for method, run in runs.items():
             model = run.scores[dataset].models[0]
-            entry = {"infer_ms_per_image": torch_ms_per_image(model, images), "infer_ms_per_image_openvino": None}
+            entry = {
+                "infer_ms_per_image": torch_ms_per_image(model, images, config.timing_threads),
+                "infer_ms_per_image_openvino": None,
+            }
             if config.openvino and method.startswith("feddymem"):
                 if id(model) not in compiled:
                     export_root = config.output_dir / "exports" / method / dataset
-                    compiled[id(model)] = compile_openvino(model, export_root, config.image_size)
+                    compiled[id(model)] = compile_openvino(model, export_root, config.image_size, config.timing_threads)
                 entry["infer_ms_per_image_openvino"] = openvino_ms_per_image(compiled[id(model)], images)
             timings[method, dataset] = entry
     return timings
@@ -151,8 +156,9 @@ n/a for datasets without ground_truth. upload_bytes_per_round: serialized bytes 
 `ArrayRecord`, as sent) one client uploads per round, mean over clients and rounds; 0 for methods
 without communication. fit_s: training wall time on this machine (for a federated or local method
 the whole run, all clients sequentially, repeated in each of its rows). infer_ms_per_image: median
-ms per image, batch 1, full anomalib forward (pre-processing, network, post-processing) on the CPU,
-on the same {config.timing_images} test images of the dataset for every method, in one process;
+ms per image, batch 1, full anomalib forward (pre-processing, network, post-processing) on the CPU
+with {config.timing_threads} thread(s), on the same {config.timing_images} test images of the dataset for every
+method, in one process;
 _openvino: the same for the FedDyMem model exported with anomalib's `to_openvino` (float32).
 """
 
@@ -173,7 +179,7 @@ def run_benchmark(config: BenchmarkConfig, *, ablations: bool = False, command: 
     tests = dataset_datamodules(products, image_size=config.image_size, batch_size=config.batch_size, seed=config.seed)
 
     runs: dict[str, MethodRun] = {}
-    result = BenchmarkResult(output=output, rows=[], runs=runs)
+    result = BenchmarkResult(output=output, rows=[], runs=runs, config=config)
     for method in config.methods:
         logger.info("Benchmark: running %s on %s.", method, ", ".join(tests))
         if method == "feddymem_federated":

@@ -89,6 +89,10 @@ def _concat(datasets: Sequence[AnomalibDataset]) -> AnomalibDataset:
     """
     dataset = copy.deepcopy(datasets[0])
     dataset.samples = pd.concat([d.samples for d in datasets], ignore_index=True)
+    # pandas drops ``attrs`` when they differ (a product with masks + one without, e.g. headct):
+    # segmentation only if every product has masks, else classification (image labels only).
+    tasks = {str(d.samples.attrs.get("task", "")) for d in datasets}
+    dataset.samples.attrs["task"] = "segmentation" if tasks == {"segmentation"} else "classification"
     return dataset
 
 

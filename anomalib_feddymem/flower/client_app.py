@@ -8,13 +8,15 @@ behaves like the simulation's persistent client. Training data never leaves the 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from anomalib_feddymem.federation.client import FedDyMemClient, handle_evaluate, handle_train
 from anomalib_feddymem.federation.config import FederationConfig, from_run_config
-from anomalib_feddymem.federation.simulation import build_client, build_partition
+
+if TYPE_CHECKING:  # torch/anomalib are imported by the handlers that need them, not by `query`
+    from anomalib_feddymem.federation.client import FedDyMemClient
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ def _node_config(context: Context, config: FederationConfig) -> int:
 
 def load_client(context: Context) -> FedDyMemClient:
     """This node's client, restored from ``context.state`` when it has trained before."""
+    from anomalib_feddymem.federation.simulation import build_client, build_partition
+
     config = from_run_config(context.run_config)
     partition_id = _node_config(context, config)
     # each node writes (generated data, Lightning files) under its own folder
@@ -73,6 +77,8 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Client step: local epochs against ``G``, dynamic memory, memory-reduce; reply with the upload."""
+    from anomalib_feddymem.federation.client import handle_train
+
     client = load_client(context)
     content = handle_train(client, msg.content)
     _save(client, context)
@@ -82,6 +88,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Install this round's ``G`` and report rank-based AUROCs on this node's test images."""
+    from anomalib_feddymem.federation.client import handle_evaluate
+
     client = load_client(context)
     content = handle_evaluate(client, msg.content)
     _save(client, context)

@@ -1,0 +1,185 @@
+"""The benchmark against Patchcore: a tiny end-to-end run, its files, byte counts, config and CLI.
+
+The end-to-end run uses two generated products at 64 px (``stripes`` with masks, ``checker``
+with its ``ground_truth`` removed), two clients, one round, tiny memories and a random backbone;
+every model runs with one thread (stable and fast on a shared CPU).
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from anomalib_feddymem.benchmark.config import METHODS, load_benchmark_config
+from anomalib_feddymem.benchmark.report import COLUMNS, read_csv
+
+DATASETS = ("stripes", "checker")
+TINY = {"pre_trained": False, "embedding_dim": 32, "memory_size": 64, "global_memory_size": 64, "reduce_ratio": 2}
+
+
+def _config(data_root: Path, output: Path, **changes: Any) -> Any:  # noqa: ANN401
+    options = {
+        "data_root": str(data_root),
+        "datasets": list(DATASETS),
+        "clients": 2,
+        "rounds": 1,
+        "image_size": 64,
+        "batch_size": 4,
+        "output": str(output),
+        "timing_images": 3,
+        "heatmap_images": 2,
+        "accelerator": "cpu",
+        "model": dict(TINY),
+        **changes,
+    }
+    return load_benchmark_config(None, **options)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:  # noqa: ANN401
+    """The benchmark on ``stripes`` (masks) and ``checker`` without ``ground_truth``: 2 clients, 1 round."""
+    from anomalib_feddymem.benchmark import run_benchmark
+    from anomalib_feddymem.benchmark.timing import torch_threads
+
+    root = tmp_path_factory.mktemp("bench")
+    data = root / "data"
+    for name in DATASETS:
+        shutil.copytree(synthetic_root / name, data / name)
+    shutil.rmtree(data / "checker" / "ground_truth")
+    with torch_threads(1):
+        return run_benchmark(_config(data, root / "out"))
+
+
+@pytest.mark.slow
+def test_results_csv_schema_and_one_row_per_method_and_dataset(tiny_run):
+    rows = read_csv(tiny_run.output / "results.csv")
+    assert tuple(rows[0]) == COLUMNS
+    assert sorted((r["method"], r["dataset"]) for r in rows) == sorted((m, d) for m in METHODS for d in DATASETS)
+    for row in rows:
+        assert 0.0 <= float(row["image_auroc"]) <= 1.0
+        assert float(row["fit_s"]) > 0 and float(row["infer_ms_per_image"]) > 0
+        assert int(row["num_test_images"]) == 7  # 3 good + 2 blobs + 2 scratches
+
+
+@pytest.mark.slow
+def test_pixel_auroc_empty_not_zero_without_ground_truth(tiny_run):
+    rows = read_csv(tiny_run.output / "results.csv")
+    for row in rows:
+        if row["dataset"] == "checker":
+            assert row["pixel_auroc"] == ""
+        else:
+            assert 0.0 <= float(row["pixel_auroc"]) <= 1.0
+    assert "n/a" in (tiny_run.output / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_feddymem_upload_bytes_are_the_serialized_reduced_memories(tiny_run):
+    from anomalib_feddymem.federation.messages import encode_memory, record_nbytes
+
+    sent = []
+    for client in tiny_run.federated.clients:
+        items, weights = client.model.memory_upload()  # deterministic: what the client sent in round 1
+        nbytes = record_nbytes(encode_memory(items.numpy(), weights.numpy()))
+        raw = items.numel() * 4 + weights.numel() * 4
+        assert items.shape == (32, 32)  # 64 items reduced 2x, 32 dimensions
+        assert raw <= nbytes <= raw + 512  # the arrays plus their serialization headers
+        sent.append(nbytes)
+    assert [row["upload_bytes"] for row in tiny_run.federated.result.rows] == sent
+    for row in read_csv(tiny_run.output / "results.csv"):
+        if row["method"] == "feddymem_federated":
+            assert float(row["upload_bytes_per_round"]) == pytest.approx(statistics.fmean(sent))
+
+
+@pytest.mark.slow
+def test_patchcore_federated_upload_bytes_are_the_coresets(tiny_run):
+    from anomalib_feddymem.federation.messages import encode_memory, record_nbytes
+
+    sent = []
+    for model in tiny_run.local_patchcores.values():
+        bank = model.model.memory_bank
+        nbytes = record_nbytes(encode_memory(bank))
+        assert bank.dtype.itemsize == 4 and bank.numel() * 4 <= nbytes <= bank.numel() * 4 + 512
+        sent.append(nbytes)
+    rows = read_csv(tiny_run.output / "results.csv")
+    for row in rows:
+        if row["method"] == "patchcore_federated":
+            assert float(row["upload_bytes_per_round"]) == pytest.approx(statistics.fmean(sent))
+        elif row["method"] != "feddymem_federated":
+            assert float(row["upload_bytes_per_round"]) == 0
+    fed = tiny_run.runs["feddymem_federated"].upload_bytes
+    for cid, ratio in tiny_run.upload_ratios.items():
+        assert ratio == pytest.approx(fed[cid] / sent[cid])
+    assert "FedDyMem / patchcore_federated" in (tiny_run.output / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_openvino_timing_only_for_feddymem(tiny_run):
+    for row in read_csv(tiny_run.output / "results.csv"):
+        if row["method"].startswith("feddymem"):
+            assert float(row["infer_ms_per_image_openvino"]) > 0
+        else:
+            assert row["infer_ms_per_image_openvino"] == ""
+    assert list((tiny_run.output / "exports").rglob("*.xml"))
+
+
+@pytest.mark.slow
+def test_markdown_and_plots(tiny_run):
+    text = (tiny_run.output / "results.md").read_text()
+    for heading in ("## Results per method and dataset", "## Means over datasets", "## Targets"):
+        assert heading in text
+    for method in METHODS:
+        assert f"| {method} |" in text
+    for name in ("auroc_vs_upload.png", "heatmaps_stripes.png", "heatmaps_checker.png", "partition.csv"):
+        assert (tiny_run.output / name).stat().st_size > 200
+
+
+@pytest.mark.slow
+def test_ablations_table(tiny_run):
+    from anomalib_feddymem.benchmark import run_ablations
+    from anomalib_feddymem.benchmark.timing import torch_threads
+
+    config = tiny_run.config.replace(ablation={"variants": ["no_dynamic_update", "reduce_ratio"], "reduce_ratios": [2, 4]})
+    with torch_threads(1):
+        rows = run_ablations(config, baseline=tiny_run.runs["feddymem_federated"])
+    assert [(r["ablation"], r["value"]) for r in rows] == [
+        ("full", "defaults"), ("no_dynamic_update", "memory_momentum=0"), ("reduce_ratio", "2"), ("reduce_ratio", "4")
+    ]
+    full, _, same, smaller = rows
+    assert same == {**full, "ablation": "reduce_ratio", "value": "2"}  # the full model's setting: reused
+    assert smaller["upload_bytes_per_round"] < full["upload_bytes_per_round"]
+    assert [r["ablation"] for r in read_csv(tiny_run.output / "ablations.csv")] == [r["ablation"] for r in rows]
+
+
+# ------------------------------------------------------------------------- config, CLI, missing data
+def test_bad_options_name_the_option(tmp_path):
+    with pytest.raises(ValueError, match="methods: unknown \\['patchcore_fast'\\]"):
+        load_benchmark_config(None, methods="feddymem_federated,patchcore_fast")
+    with pytest.raises(ValueError, match="ablation.variants: unknown"):
+        load_benchmark_config(None, ablation={"variants": ["no_memory"]})
+    config = tmp_path / "bad.yaml"
+    config.write_text("clients: 2\nround: 3\n")
+    with pytest.raises(ValueError, match=f"{config}: unknown option\\(s\\) \\['round'\\]"):
+        load_benchmark_config(config)
+
+
+def test_shipped_configs_load():
+    root = Path(__file__).resolve().parents[1] / "configs" / "benchmark"
+    configs = sorted(root.glob("*.yaml"))
+    assert configs
+    for path in configs:
+        config = load_benchmark_config(path)
+        assert config.methods == list(METHODS)
+        assert config.patchcore_options()["backbone"] == config.model.get("backbone", "tf_efficientnet_lite0")
+
+
+def test_missing_data_root_skips_with_a_message(tmp_path, capsys):
+    from anomalib_feddymem.cli import main
+
+    code = main(["benchmark", "--data-root", str(tmp_path / "absent"), "--datasets", "a,b", "--output", str(tmp_path)])
+    assert code == 0
+    assert "Skipped the benchmark" in capsys.readouterr().out
+    assert not (tmp_path / "results.csv").exists()

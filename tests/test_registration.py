@@ -1,0 +1,203 @@
+"""FedDyMem through anomalib's own entry points, as a user would call them.
+
+``anomalib train --model FedDyMem`` (bare name), ``anomalib train --config configs/feddymem.yaml``,
+``anomalib export --model FedDyMem ... --export_type openvino``, ``anomalib benchmark`` with a
+``[Patchcore, FedDyMem]`` grid and ``anomalib.models.get_model`` all run in fresh interpreters of
+this venv, where only the ``.pth`` import hook can have made FedDyMem known to anomalib. The hook
+itself must cost (almost) nothing at interpreter start and import nothing heavy.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG = REPO_ROOT / "configs" / "feddymem.yaml"
+BENCHMARK_CONFIG = REPO_ROOT / "configs" / "benchmark_patchcore.yaml"
+#: Options that keep a CLI training run to seconds.
+TINY_CLI_OPTIONS = [
+    "--model.memory_size", "64", "--model.global_memory_size", "64", "--model.embedding_dim", "32",
+    "--model.local_epochs", "1", "--trainer.max_epochs", "1",
+]  # fmt: skip
+
+
+def folder_data_options(folder: Path) -> list[str]:
+    """``--data.*`` options of an anomalib ``Folder`` over a synthetic MVTec-layout folder."""
+    return [
+        "--data.name", folder.name, "--data.root", str(folder), "--data.normal_dir", "train/good",
+        "--data.abnormal_dir", "[test/blob,test/scratch]", "--data.normal_test_dir", "test/good",
+        "--data.mask_dir", "[ground_truth/blob,ground_truth/scratch]",
+        "--data.train_batch_size", "4", "--data.eval_batch_size", "4", "--data.num_workers", "0",
+    ]  # fmt: skip
+
+
+def python(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter of this venv (site hooks active)."""
+    return subprocess.run(
+        [sys.executable, *args, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+def only_checkpoint(root: Path) -> Path:
+    checkpoints = sorted(root.rglob("*.ckpt"))
+    assert len(checkpoints) == 1, f"expected one checkpoint under {root}, found {checkpoints}"
+    return checkpoints[0]
+
+
+# ------------------------------------------------------------------------------ interpreter start
+def test_import_hook_costs_nothing_at_start_up() -> None:
+    """``python -c pass`` stays within 0.1 s of a bare interpreter and imports nothing heavy."""
+    with_site, bare = [], []
+    for _ in range(7):  # interleaved, so that load on the machine affects both alike
+        for command, runs in (([sys.executable, "-c", "pass"], with_site), ([sys.executable, "-S", "-c", "pass"], bare)):
+            start = time.perf_counter()
+            subprocess.run(command, check=True)
+            runs.append(time.perf_counter() - start)
+    overhead = statistics.median(with_site) - statistics.median(bare)
+    print(f"start-up: {statistics.median(with_site) * 1000:.1f} ms with site hooks, "
+          f"{statistics.median(bare) * 1000:.1f} ms bare (python -S)")  # fmt: skip
+    assert overhead < 0.1, f"site start-up adds {overhead * 1000:.0f} ms"
+
+    result = python("import sys, json; print(json.dumps(sorted(sys.modules)))")
+    loaded = set(json.loads(result.stdout))
+    assert "anomalib_feddymem._autoload" in loaded, "the .pth hook is not installed in this venv"
+    heavy = {name for name in loaded if name.split(".")[0] in {"torch", "anomalib", "timm", "lightning", "numpy"}}
+    assert not heavy, f"start-up imported {sorted(heavy)}"
+
+
+def test_get_model_finds_feddymem_without_importing_it() -> None:
+    result = python(
+        """
+        from anomalib.models import FedDyMem, get_model
+        options = {"pre_trained": False, "memory_size": 64, "embedding_dim": 16}
+        models = [
+            get_model("FedDyMem", **options),
+            get_model("feddymem", **options),
+            get_model({"class_path": "FedDyMem", "init_args": options}),
+            get_model({"class_path": "anomalib.models.FedDyMem", "init_args": options}),
+        ]
+        for model in models:
+            assert type(model) is FedDyMem, type(model)
+            assert model.memory_size == 64 and model.model.embedding_dim == 16
+        print("OK", FedDyMem.__module__)
+        """
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "OK anomalib_feddymem.models.feddymem.lightning_model" in result.stdout
+
+
+# ------------------------------------------------------------------------------------- anomalib CLI
+@pytest.fixture(scope="module")
+def cli_checkpoint(synthetic_folder: Path, tmp_path_factory: pytest.TempPathFactory, cli: Callable[..., Any]) -> Path:
+    """Checkpoint of ``anomalib train --model FedDyMem`` (bare name) on a synthetic Folder."""
+    root = tmp_path_factory.mktemp("cli_train")
+    cli(
+        ["anomalib", "train", "--model", "FedDyMem", "--data", "anomalib.data.Folder",
+         *folder_data_options(synthetic_folder), *TINY_CLI_OPTIONS, "--default_root_dir", root / "results"],
+        cwd=root,
+    )  # fmt: skip
+    return only_checkpoint(root / "results")
+
+
+@pytest.mark.slow
+def test_cli_train_with_bare_model_name(cli_checkpoint: Path) -> None:
+    checkpoint = torch.load(cli_checkpoint, map_location="cpu", weights_only=False)
+    assert checkpoint["hyper_parameters"]["memory_size"] == 64
+    assert checkpoint["hyper_parameters"]["local_epochs"] == 1
+    state = checkpoint["state_dict"]
+    assert state["local_memory.items"].shape == (64, 32)
+    assert 0 < state["model.memory"].shape[0] <= 64 and state["model.memory"].shape[1] == 32
+
+
+@pytest.mark.slow
+def test_cli_export_openvino_from_checkpoint(cli_checkpoint: Path, tmp_path: Path, cli: Callable[..., Any]) -> None:
+    import openvino as ov
+
+    from anomalib_feddymem import FedDyMem
+
+    cli(
+        ["anomalib", "export", "--model", "FedDyMem", "--export_type", "openvino",
+         "--ckpt_path", cli_checkpoint, "--default_root_dir", tmp_path / "export"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    xml = tmp_path / "export" / "weights" / "openvino" / "model.xml"
+    assert xml.is_file() and xml.with_suffix(".bin").is_file()
+    compiled = ov.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    model = FedDyMem.load_from_checkpoint(cli_checkpoint, map_location="cpu").eval()
+    for batch in (2, 1):
+        images = torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
+        outputs = {output.get_any_name(): value for output, value in compiled(images.numpy()).items()}
+        with torch.no_grad():
+            reference = model(images)
+        np.testing.assert_allclose(outputs["pred_score"].reshape(-1), reference.pred_score.numpy(), atol=1e-3)
+        np.testing.assert_allclose(outputs["anomaly_map"], reference.anomaly_map.numpy(), atol=5e-3)
+
+
+@pytest.mark.slow
+def test_cli_train_with_config_file(synthetic_folder: Path, tmp_path: Path, cli: Callable[..., Any]) -> None:
+    """``configs/feddymem.yaml`` as shipped (real-data path), with the data and sizes overridden."""
+    cli(
+        ["anomalib", "train", "--config", CONFIG, *folder_data_options(synthetic_folder), *TINY_CLI_OPTIONS,
+         "--default_root_dir", tmp_path / "results"],
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    checkpoint = torch.load(only_checkpoint(tmp_path / "results"), map_location="cpu", weights_only=False)
+    assert checkpoint["hyper_parameters"]["memory_size"] == 64
+    assert checkpoint["hyper_parameters"]["backbone"] == "tf_efficientnet_lite0"
+
+
+def test_config_file_lists_the_model_defaults() -> None:
+    """The shipped config documents every FedDyMem option with its current default."""
+    from anomalib_feddymem import FedDyMem
+
+    config = yaml.safe_load(CONFIG.read_text())
+    assert config["model"]["class_path"] == "FedDyMem"
+    parameters = inspect.signature(FedDyMem.__init__).parameters
+    defaults = {name: p.default for name, p in parameters.items() if name != "self" and not name.endswith("processor")}
+    defaults = {name: value for name, value in defaults.items() if name not in {"evaluator", "visualizer"}}
+    listed = config["model"]["init_args"]
+    assert set(listed) == set(defaults)
+    for name, default in defaults.items():
+        expected = list(default) if isinstance(default, tuple) else default
+        assert listed[name] == expected, f"{name}: the config says {listed[name]!r}, the default is {expected!r}"
+
+
+@pytest.mark.slow
+def test_anomalib_benchmark_patchcore_vs_feddymem(synthetic_folder: Path, tmp_path: Path, cli: Callable[..., Any]) -> None:
+    """anomalib's benchmark pipeline runs the shipped grid on a synthetic folder and writes both rows."""
+    config = yaml.safe_load(BENCHMARK_CONFIG.read_text())
+    assert config["benchmark"]["model"]["class_path"]["grid"] == ["Patchcore", "FedDyMem"]
+    data = config["benchmark"]["data"]["init_args"]
+    data.update(
+        name=synthetic_folder.name,
+        root=str(synthetic_folder),
+        abnormal_dir=["test/blob", "test/scratch"],
+        mask_dir=["ground_truth/blob", "ground_truth/scratch"],
+    )
+    path = tmp_path / "benchmark.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = cli(["anomalib", "benchmark", "--config", path], cwd=tmp_path)
+    output = result.stdout + result.stderr
+    # anomalib's benchmark exits 0 even when a job fails: the table is what proves success.
+    tables = sorted(tmp_path.glob("runs/benchmark/*/results.csv"))
+    assert tables, f"no results.csv written:\n{output[-3000:]}"
+    import pandas as pd
+
+    results = pd.read_csv(tables[-1])
+    assert sorted(results["model.class_path"]) == ["FedDyMem", "Patchcore"]
+    assert set(results["model.init_args.backbone"]) == {"tf_efficientnet_lite0"}
+    assert results["image_AUROC"].between(0, 1).all() and results["pixel_AUROC"].between(0, 1).all()
