@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 from importlib.machinery import PathFinder
-from typing import Any
 
 _TARGET = "anomalib.models"
 
@@ -24,16 +23,16 @@ _TARGET = "anomalib.models"
 class _RegisteringLoader:
     """Wrap the real loader of ``anomalib.models``; run our registration after it executes."""
 
-    def __init__(self, loader: Any) -> None:  # noqa: ANN401
+    def __init__(self, loader: object) -> None:
         self._loader = loader
 
-    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - delegate everything else
+    def __getattr__(self, name: str) -> object:  # delegate everything else
         return getattr(self._loader, name)
 
-    def create_module(self, spec: Any) -> Any:  # noqa: ANN401
+    def create_module(self, spec: object) -> object:
         return self._loader.create_module(spec)
 
-    def exec_module(self, module: Any) -> None:  # noqa: ANN401
+    def exec_module(self, module: object) -> None:
         self._loader.exec_module(module)
         from anomalib_feddymem.registration import on_anomalib_models_loaded
 
@@ -44,7 +43,7 @@ class AnomalibModelsFinder:
     """``sys.meta_path`` finder that only reacts to ``anomalib.models``."""
 
     @classmethod
-    def find_spec(cls, fullname: str, path: Any = None, target: Any = None) -> Any:  # noqa: ANN401
+    def find_spec(cls, fullname: str, path: object = None, target: object = None) -> object:
         if fullname != _TARGET:
             return None
         spec = PathFinder.find_spec(fullname, path, target)

@@ -19,7 +19,13 @@ random state, because it
   ``d(x, c_new) >= d(x, c_j)`` and ``torch.minimum`` would keep the old value. A relative slack
   (``1e-3``) on that test makes the skip safe against float rounding.
 
-Only the amount of work changes: late iterations touch a small fraction of the points.
+The points are kept grouped by their nearest centre (Voronoi cells) with each cell's largest
+minimum distance, so a new centre visits only the cells within reach (screened by a cheap
+projected lower bound of the centre gaps, then by the exact gap), never all ``N`` points; the
+farthest point comes from the per-cell maxima, ties resolved to the smallest index like
+``torch.max``. Only the amount of work changes: late iterations touch a small fraction of the
+points. Exactness is tested against anomalib on tie-free (continuous random) data; with exactly
+tied distances both samplers still apply the same first-index rule.
 """
 
 from __future__ import annotations
@@ -42,15 +48,18 @@ _PROJECTED_DIM = 32
 
 
 def _row_norms(features: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-    """anomalib's distance expression, row by row (bitwise equal to its full-matrix call)."""
+    """anomalib's distance expression, row by row (bitwise equal to its full-matrix call: each row
+    is reduced on its own, whatever the number of rows, as the tests check through the indices)."""
     return torch.linalg.norm(features - center, ord=2, dim=1)
 
 
 @contextmanager
 def _single_thread() -> Iterator[None]:
-    """One intra-op thread: the loop runs thousands of small ops, and OpenMP fork/join (worse when
-    the CPU is shared) costs more than it saves. Row norms are bitwise the same on any thread count
-    (each row is reduced by one thread)."""
+    """One intra-op thread for the loop's thousands of small ops.
+
+    OpenMP fork/join costs more than it saves at these sizes (3x slower on a shared 2-core CPU);
+    row norms are bitwise the same on any thread count since each row is reduced by one thread.
+    """
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -96,9 +105,17 @@ def _orthonormal_projection(features: torch.Tensor, dim: int, sample: int = 2000
     return vectors[:, -dim:].T.contiguous().to(features.dtype)
 
 
-def _segment_max(values: torch.Tensor, points: torch.Tensor, segments: torch.Tensor, count: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per segment: the maximum of ``values`` and the smallest point index reaching it (torch.max's
-    first-maximum rule); ``-1`` and ``n`` for empty segments."""
+def _segment_max(
+    values: torch.Tensor,
+    points: torch.Tensor,
+    segments: torch.Tensor,
+    count: int,
+    n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per segment, the maximum of ``values`` and the smallest point index reaching it.
+
+    The smallest index is torch.max's first-maximum rule; empty segments get ``-1`` and ``n``.
+    """
     maxima = values.new_full((count,), -1.0).scatter_reduce(0, segments, values, "amax")
     at_max = values == maxima.index_select(0, segments)
     best = torch.full((count,), n, dtype=torch.long).scatter_reduce(0, segments[at_max], points[at_max], "amin")
@@ -153,6 +170,7 @@ def _k_center_greedy(features: torch.Tensor, coreset_size: int, first_index: int
                 near = gaps < _REACH * cell_max.index_select(0, cells)
                 cells, gaps = cells[near], gaps[near]
             changed = torch.empty(0, dtype=torch.long)
+            cell_list: list[int] = []
             if cells.numel():
                 cell_list = cells.tolist()
                 points = torch.cat([members[j] for j in cell_list])
@@ -173,10 +191,7 @@ def _k_center_greedy(features: torch.Tensor, coreset_size: int, first_index: int
                     for j, cell_points in zip(cell_list, kept, strict=True):
                         members[j] = cell_points
             members.append(changed)
-            touched = [rank]
-            if changed.numel():
-                touched += torch.unique(torch.cat([cells])).tolist()
-            refresh(touched)
+            refresh([rank, *cell_list] if changed.numel() else [rank])
         # The farthest point: largest cell maximum; on equal maxima the smallest index, like torch.max.
         maxima = cell_max[:step]
         top = maxima.max()

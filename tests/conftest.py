@@ -125,7 +125,13 @@ def trained_tiny(synthetic_folder: Path, tmp_path_factory: pytest.TempPathFactor
     if not ckpt_path:
         ckpt_path = str(root / "tiny.ckpt")
         engine.trainer.save_checkpoint(ckpt_path)
-    return {"model": model.eval(), "engine": engine, "datamodule": datamodule, "ckpt_path": Path(ckpt_path), "root": root}
+    return {
+        "model": model.eval(),
+        "engine": engine,
+        "datamodule": datamodule,
+        "ckpt_path": Path(ckpt_path),
+        "root": root,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -156,7 +162,9 @@ def run_cli(
     """
     command = [str(BIN_DIR / args[0]), *map(str, args[1:])]
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", **(env or {})}
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment, check=False)
+    result = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment, check=False
+    )
     if expect_success and result.returncode != 0:
         tail = (result.stdout + result.stderr)[-4000:]
         pytest.fail(f"{' '.join(command)} exited {result.returncode}:\n{tail}")

@@ -163,3 +163,25 @@ def test_non_finite_global_memory_is_rejected(bad: float, make_tiny_model: Calla
     with pytest.raises(ValueError, match=r"memory of shape \(8, 32\) contains NaN or infinite values"):
         model.set_global_memory(memory)
     assert not bool(model.has_global_memory)
+
+
+# ------------------------------------------------------------------------------ real data (control)
+@pytest.mark.real_data
+@pytest.mark.parametrize(
+    ("name", "train", "defects", "masks"),
+    [
+        ("mvtec_bottle", 209, {"broken_large", "broken_small", "contamination"}, True),
+        ("magnetic_tile", 762, {"blowhole", "break", "crack", "fray", "uneven"}, True),
+        ("mpdd_metal_plate", 54, {"defect"}, True),
+        ("headct", 80, {"hemorrhage"}, False),
+    ],
+)
+def test_real_benchmark_folders_pass_validation(
+    real_data_root: Path, name: str, train: int, defects: set[str], masks: bool
+) -> None:
+    """The validator accepts the real layouts (headct: no ground_truth, image-level labels only)."""
+    folder = real_data_root / name
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not present")
+    info = validate_dataset_folder(folder, check_images=False)
+    assert len(info.train_images) == train and set(info.defects) == defects and info.has_masks is masks

@@ -27,7 +27,9 @@ MAP_TOLERANCE = 5e-3
 
 def load_images(paths: list[Path]) -> torch.Tensor:
     """Images as anomalib's datasets give them: float RGB in [0, 1], ``(B, 3, H, W)``."""
-    return torch.stack([to_dtype(to_image(Image.open(path).convert("RGB")), torch.float32, scale=True) for path in paths])
+    return torch.stack([
+        to_dtype(to_image(Image.open(path).convert("RGB")), torch.float32, scale=True) for path in paths
+    ])
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +69,32 @@ def test_export_writes_ir_with_dynamic_batch_and_size(exported: Path) -> None:
 
 @pytest.mark.parametrize("batch", [3, 1])
 def test_openvino_inferencer_matches_torch(
-    batch: int, exported: Path, trained_tiny: dict[str, Any], test_images: torch.Tensor
+    batch: int,
+    exported: Path,
+    trained_tiny: dict[str, Any],
+    test_images: torch.Tensor,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from anomalib.deploy import OpenVINOInferencer
 
+    monkeypatch.chdir(tmp_path)  # the inferencer writes ./openvino_cache
     inferencer = OpenVINOInferencer(path=exported, device="CPU", config=F32)
     images = test_images[:batch]
     predicted = inferencer.predict(images)
     reference = torch_reference(trained_tiny["model"], images)
-    np.testing.assert_allclose(predicted.pred_score.reshape(-1), reference.pred_score.numpy().reshape(-1), atol=SCORE_TOLERANCE)
+    np.testing.assert_allclose(
+        predicted.pred_score.reshape(-1), reference.pred_score.numpy().reshape(-1), atol=SCORE_TOLERANCE
+    )
     assert predicted.anomaly_map.shape[-2:] == reference.anomaly_map.shape[-2:]
     np.testing.assert_allclose(
         predicted.anomaly_map.reshape(reference.anomaly_map.shape), reference.anomaly_map.numpy(), atol=MAP_TOLERANCE
     )
 
 
-def test_openvino_accepts_other_input_sizes(exported: Path, trained_tiny: dict[str, Any], test_images: torch.Tensor) -> None:
+def test_openvino_accepts_other_input_sizes(
+    exported: Path, trained_tiny: dict[str, Any], test_images: torch.Tensor
+) -> None:
     """A 96 px batch goes through the graph's own resize to 64 px and matches torch."""
     import openvino as ov
 

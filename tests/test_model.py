@@ -126,7 +126,9 @@ def test_trained_module_memory_sizes_and_counts(trained_tiny: dict[str, Any]) ->
     assert not bool(model.has_global_memory), "centralised training builds G itself"
 
 
-def test_memory_upload_is_reduced_and_keeps_total_weight(make_tiny_model: Callable[..., FedDyMem], trained_tiny: dict[str, Any]) -> None:
+def test_memory_upload_is_reduced_and_keeps_total_weight(
+    make_tiny_model: Callable[..., FedDyMem], trained_tiny: dict[str, Any]
+) -> None:
     trained: FedDyMem = trained_tiny["model"]
     client = make_tiny_model(reduce_ratio=4.0)
     with pytest.raises(RuntimeError, match="local memory is empty"):

@@ -50,7 +50,8 @@ def test_feddymem_loads_the_wheel_weights(wheel_state_dict: dict[str, torch.Tens
     assert torch.equal(state["conv_stem.weight"], wheel_state_dict["_conv_stem.weight"])
     assert_matches_wheel(state, wheel_state_dict)
     random = FedDyMemModel(backbone="tf_efficientnet_lite0", layers=LAYERS, pre_trained=False, embedding_dim=8)
-    assert not torch.equal(random.feature_extractor.feature_extractor.state_dict()["conv_stem.weight"], state["conv_stem.weight"])
+    random_state = random.feature_extractor.feature_extractor.state_dict()
+    assert not torch.equal(random_state["conv_stem.weight"], state["conv_stem.weight"]), "not a random init"
 
 
 def test_anomalib_patchcore_loads_the_wheel_weights(wheel_state_dict: dict[str, torch.Tensor]) -> None:
@@ -109,7 +110,9 @@ def test_unreachable_weights_say_what_to_do(tmp_path: Path) -> None:
         """
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
     output = result.stdout + result.stderr
     assert "RUNTIME_ERROR: Could not load ImageNet weights for backbone 'resnet18'" in output, output[-3000:]
     for advice in ("backbone='tf_efficientnet_lite0'", "Hugging Face cache", "pre_trained=False"):

@@ -157,8 +157,11 @@ class BenchmarkConfig:
         return dataclasses.replace(self, **{key: value for key, value in changes.items() if value is not None})
 
     def patchcore_options(self) -> dict[str, Any]:
-        """Patchcore keyword arguments: FedDyMem's backbone, layers and weights plus ``patchcore``."""
-        shared = {key: self.model[key] for key in SHARED_BACKBONE_OPTIONS if key in self.model}
+        """Patchcore keyword arguments: FedDyMem's backbone, layers and weights (as the FedDyMem
+        models get them: ``model`` or FedDyMem's defaults) plus ``patchcore``."""
+        from anomalib_feddymem.federation.runner import model_option
+
+        shared = {key: model_option(self, key) for key in SHARED_BACKBONE_OPTIONS}  # duck-typed: reads .model
         return {**shared, **self.patchcore}
 
     def federation(self, output: Path, **changes: Any) -> FederationConfig:  # noqa: ANN401

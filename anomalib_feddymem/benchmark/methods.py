@@ -53,6 +53,7 @@ __all__ = [
     "FederatedFedDyMem",
     "MethodRun",
     "dataset_datamodules",
+    "federate",
     "mean_result",
     "run_feddymem_central",
     "run_feddymem_federated",

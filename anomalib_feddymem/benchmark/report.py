@@ -18,6 +18,7 @@ import numpy as np
 __all__ = [
     "ABLATION_COLUMNS",
     "COLUMNS",
+    "mean_defined",
     "method_means",
     "plot_auroc_vs_upload",
     "plot_heatmaps",
@@ -76,7 +77,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _mean(values: Sequence[Any]) -> float | None:  # noqa: ANN401
+def mean_defined(values: Sequence[Any]) -> float | None:  # noqa: ANN401
+    """Mean of the defined values (``None``, empty cells and NaN skipped); ``None`` if there are none."""
     defined = [float(v) for v in values if v not in (None, "") and not (isinstance(v, float) and math.isnan(v))]
     return statistics.fmean(defined) if defined else None
 
@@ -87,7 +89,7 @@ def method_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float
     for method in dict.fromkeys(row["method"] for row in rows):
         mine = [row for row in rows if row["method"] == method]
         means[method] = {
-            key: _mean([row.get(key) for row in mine])
+            key: mean_defined([row.get(key) for row in mine])
             for key in ("image_auroc", "pixel_auroc", "upload_bytes_per_round", "fit_s", "infer_ms_per_image",
                         "infer_ms_per_image_openvino")
         }

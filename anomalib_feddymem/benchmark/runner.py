@@ -253,8 +253,8 @@ def _summary(ablation: str, value: str, run: MethodRun) -> dict[str, Any]:
     return {
         "ablation": ablation,
         "value": value,
-        "image_auroc": report._mean([s.result.image_auroc for s in run.scores.values()]),  # noqa: SLF001
-        "pixel_auroc": report._mean([s.result.pixel_auroc for s in run.scores.values()]),  # noqa: SLF001
+        "image_auroc": report.mean_defined([s.result.image_auroc for s in run.scores.values()]),
+        "pixel_auroc": report.mean_defined([s.result.pixel_auroc for s in run.scores.values()]),
         "upload_bytes_per_round": run.upload_bytes_per_round,
         "fit_s": next(iter(run.fit_s.values())),
     }
