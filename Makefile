@@ -32,5 +32,9 @@ demo: venv
 demo-real: venv
 	$(VENV)/bin/feddymem demo --data-root $(DATA_ROOT) --output $(OUTPUT)/demo_real
 
+# FedDyMem vs Patchcore on the real folders (long: about an hour or more on 2 CPU cores).
+benchmark: venv
+	$(VENV)/bin/feddymem benchmark --config configs/benchmark/shared_data.yaml --data-root $(DATA_ROOT) --output $(OUTPUT)/benchmark
+
 clean:
 	rm -rf $(VENV) $(OUTPUT) .pytest_cache

@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from importlib import import_module
+from ._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -23,9 +23,4 @@ _LAZY = {
 
 __all__ = ["FedDyMem", "FedDyMemModel", "__version__", "register_offline_weights"]
 
-
-def __getattr__(name: str) -> object:  # PEP 562 lazy attribute (no `typing`: it costs start-up time)
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    msg = f"module {__name__!r} has no attribute {name!r}"
-    raise AttributeError(msg)
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -11,24 +11,18 @@ Names are imported lazily so that ``import anomalib_feddymem.benchmark.config`` 
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from anomalib_feddymem._lazy import lazy_attributes
 
 _LAZY = {
-    "ABLATIONS": "config",
-    "METHODS": "config",
-    "BenchmarkConfig": "config",
-    "load_benchmark_config": "config",
-    "BenchmarkResult": "runner",
-    "run_ablations": "runner",
-    "run_benchmark": "runner",
+    "ABLATIONS": ".config",
+    "METHODS": ".config",
+    "BenchmarkConfig": ".config",
+    "load_benchmark_config": ".config",
+    "BenchmarkResult": ".runner",
+    "run_ablations": ".runner",
+    "run_benchmark": ".runner",
 }
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:  # noqa: ANN401 - PEP 562 lazy attribute
-    if name in _LAZY:
-        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
-    msg = f"module {__name__!r} has no attribute {name!r}"
-    raise AttributeError(msg)
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from anomalib_feddymem.federation.config import FederationConfig
+from anomalib_feddymem.federation.config import FederationConfig, load_dataclass_config
 from anomalib_feddymem.federation.partition import SCHEMES
 
 __all__ = ["ABLATIONS", "METHODS", "BenchmarkConfig", "load_benchmark_config"]
@@ -194,27 +193,4 @@ def load_benchmark_config(path: str | Path | None = None, **overrides: Any) -> B
         FileNotFoundError: the file does not exist.
         ValueError: an unknown key or a bad value, naming the file.
     """
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            msg = f"Config file not found: {path}."
-            raise FileNotFoundError(msg)
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            msg = f"{path}: expected a mapping of options at the top level."
-            raise ValueError(msg)
-        known = {f.name for f in dataclasses.fields(BenchmarkConfig)}
-        unknown = sorted(set(loaded) - known)
-        if unknown:
-            msg = f"{path}: unknown option(s) {unknown}; known: {sorted(known)}."
-            raise ValueError(msg)
-        values.update(loaded)
-    model_overrides = overrides.pop("model", None) or {}
-    values.update({key: value for key, value in overrides.items() if value is not None})
-    values["model"] = {**values.get("model", {}), **model_overrides}
-    try:
-        return BenchmarkConfig(**values)
-    except (TypeError, ValueError) as error:
-        where = f"{path}: " if path is not None else ""
-        raise ValueError(f"{where}{error}") from error
+    return load_dataclass_config(BenchmarkConfig, path, **overrides)

@@ -12,30 +12,24 @@ Names are imported lazily so that ``import anomalib_feddymem.federation.partitio
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from anomalib_feddymem._lazy import lazy_attributes
 
 _LAZY = {
-    "FederationConfig": "config",
-    "load_config": "config",
-    "ClientPartition": "partition",
-    "PartitionError": "partition",
-    "partition_indices": "partition",
-    "FedDyMemClient": "client",
-    "server_step": "server",
-    "validate_upload": "server",
-    "InvalidUpload": "server",
-    "FederationError": "server",
-    "run_federation": "runner",
-    "FederationResult": "runner",
-    "simulate": "simulation",
+    "FederationConfig": ".config",
+    "load_config": ".config",
+    "ClientPartition": ".partition",
+    "PartitionError": ".partition",
+    "partition_indices": ".partition",
+    "FedDyMemClient": ".client",
+    "server_step": ".server",
+    "validate_upload": ".server",
+    "InvalidUpload": ".server",
+    "FederationError": ".server",
+    "run_federation": ".runner",
+    "FederationResult": ".runner",
+    "simulate": ".simulation",
 }
 
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str) -> Any:  # noqa: ANN401 - PEP 562 lazy attribute
-    if name in _LAZY:
-        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
-    msg = f"module {__name__!r} has no attribute {name!r}"
-    raise AttributeError(msg)
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -123,8 +123,14 @@ class FederationConfig:
         return dataclasses.replace(self, **{key: value for key, value in changes.items() if value is not None})
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> FederationConfig:  # noqa: ANN401
-    """Read a YAML config (keys of :class:`FederationConfig`) and apply non-``None`` overrides.
+ConfigT = TypeVar("ConfigT")
+
+
+def load_dataclass_config(cls: type[ConfigT], path: str | Path | None = None, **overrides: Any) -> ConfigT:  # noqa: ANN401
+    """Read a YAML file of ``cls``'s fields, apply non-``None`` overrides and build ``cls``.
+
+    ``model`` (a mapping of FedDyMem options) is merged key by key rather than replaced. Shared by
+    the federation and the benchmark configs.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -140,7 +146,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> FederationC
         if not isinstance(loaded, dict):
             msg = f"{path}: expected a mapping of options at the top level."
             raise ValueError(msg)
-        known = {f.name for f in dataclasses.fields(FederationConfig)}
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(loaded) - known)
         if unknown:
             msg = f"{path}: unknown option(s) {unknown}; known: {sorted(known)}."
@@ -150,10 +156,15 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> FederationC
     values.update({key: value for key, value in overrides.items() if value is not None})
     values["model"] = {**values.get("model", {}), **model_overrides}
     try:
-        return FederationConfig(**values)
+        return cls(**values)
     except (TypeError, ValueError) as error:
         where = f"{path}: " if path is not None else ""
         raise ValueError(f"{where}{error}") from error
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> FederationConfig:  # noqa: ANN401
+    """Read a YAML config (keys of :class:`FederationConfig`) and apply non-``None`` overrides."""
+    return load_dataclass_config(FederationConfig, path, **overrides)
 
 
 #: Flower run-config keys ([tool.flwr.app.config] in pyproject.toml) -> FederationConfig fields.
