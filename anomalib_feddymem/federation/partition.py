@@ -131,17 +131,23 @@ def _category(sizes: Mapping[str, int], num_clients: int, rng: np.random.Generat
     return parts
 
 
+def _pooled(sizes: Mapping[str, int]) -> list[tuple[str, int]]:
+    """Every training image of every product as ``(product, index)``, in a fixed order."""
+    return [(name, i) for name, size in sizes.items() for i in range(size)]
+
+
+def _held(pool: list[tuple[str, int]], chunk: np.ndarray) -> dict[str, np.ndarray]:
+    """The images of ``pool`` at positions ``chunk``, grouped by product."""
+    held: dict[str, list[int]] = {}
+    for j in chunk:
+        name, i = pool[j]
+        held.setdefault(name, []).append(i)
+    return {name: np.asarray(idx) for name, idx in held.items()}
+
+
 def _iid(sizes: Mapping[str, int], num_clients: int, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
-    pool = [(name, i) for name, size in sizes.items() for i in range(size)]
-    order = rng.permutation(len(pool))
-    parts: list[dict[str, np.ndarray]] = []
-    for chunk in np.array_split(order, num_clients):
-        held: dict[str, list[int]] = {}
-        for j in chunk:
-            name, i = pool[j]
-            held.setdefault(name, []).append(i)
-        parts.append({name: np.asarray(idx) for name, idx in held.items()})
-    return parts
+    pool = _pooled(sizes)
+    return [_held(pool, chunk) for chunk in np.array_split(rng.permutation(len(pool)), num_clients)]
 
 
 def _dirichlet(
@@ -158,16 +164,9 @@ def _dirichlet(
 def _quantity(
     sizes: Mapping[str, int], num_clients: int, alpha: float, rng: np.random.Generator
 ) -> list[dict[str, np.ndarray]]:
-    pool = [(name, i) for name, size in sizes.items() for i in range(size)]
+    pool = _pooled(sizes)
     proportions = rng.dirichlet(np.full(num_clients, alpha))
-    parts: list[dict[str, np.ndarray]] = []
-    for chunk in _split_by_proportions(rng.permutation(len(pool)), proportions):
-        held: dict[str, list[int]] = {}
-        for j in chunk:
-            name, i = pool[j]
-            held.setdefault(name, []).append(i)
-        parts.append({name: np.asarray(idx) for name, idx in held.items()})
-    return parts
+    return [_held(pool, chunk) for chunk in _split_by_proportions(rng.permutation(len(pool)), proportions)]
 
 
 def partition_indices(
