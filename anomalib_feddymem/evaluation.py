@@ -18,7 +18,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch.nn import functional as F  # noqa: N812
 
-__all__ = ["EvaluationResult", "Predictions", "evaluate", "predict", "rank_auroc"]
+__all__ = ["EvaluationResult", "Predictions", "evaluate", "evaluate_pooled", "predict", "rank_auroc"]
 
 
 @dataclass
@@ -111,13 +111,37 @@ def evaluate(model: torch.nn.Module, dataloader: Iterable, *, pixel_metrics: boo
     ``pixel_auroc`` is ``None`` (not zero) for datasets without masks or without any anomalous
     pixel; empty masks of individual images are fine.
     """
-    predictions = predict(model, dataloader, with_maps=pixel_metrics)
+    return evaluate_pooled(model, [dataloader], pixel_metrics=pixel_metrics)
+
+
+def evaluate_pooled(
+    model: torch.nn.Module,
+    dataloaders: Iterable[Iterable],
+    *,
+    pixel_metrics: bool = True,
+) -> EvaluationResult:
+    """Like :func:`evaluate`, over several test sets scored by the same model, pooled.
+
+    Image AUROC pools every image's raw score; pixel AUROC pools only the test sets that have
+    masks. This is how a client holding a product with masks and one without (e.g. headct) still
+    gets a pixel AUROC on the former instead of none at all.
+    """
+    runs = [predict(model, loader, with_maps=pixel_metrics) for loader in dataloaders]
+    if not runs:
+        msg = "No test set to evaluate."
+        raise ValueError(msg)
+    masked = [run for run in runs if run.maps is not None and run.masks is not None]
     pixel = None
-    if pixel_metrics and predictions.maps is not None and predictions.masks is not None:
-        pixel = rank_auroc(predictions.maps, predictions.masks)
+    if pixel_metrics and masked:
+        pixel = rank_auroc(
+            np.concatenate([run.maps.ravel() for run in masked]),
+            np.concatenate([run.masks.ravel() for run in masked]),
+        )
     return EvaluationResult(
-        image_auroc=rank_auroc(predictions.scores, predictions.labels),
+        image_auroc=rank_auroc(
+            np.concatenate([run.scores for run in runs]), np.concatenate([run.labels for run in runs])
+        ),
         pixel_auroc=pixel,
-        infer_ms_per_image=statistics.median(predictions.batch_ms_per_image),
-        num_images=len(predictions.scores),
+        infer_ms_per_image=statistics.median([t for run in runs for t in run.batch_ms_per_image]),
+        num_images=sum(len(run.scores) for run in runs),
     )

@@ -298,3 +298,23 @@ def test_too_few_clients_stops_with_checkpoint_intact_then_resumes(reference_run
     assert [r["round"] for r in _rows(tmp_path)] == ["1", "1"]
     resumed = simulate(_config(tmp_path, min_clients=2), resume=True)
     assert torch.equal(resumed.global_memory, reference_run.global_memory)
+
+
+@pytest.mark.slow
+def test_client_with_masked_and_unmasked_products_gets_pixel_auroc(tmp_path):
+    """A client holding a product with masks and one without (like headct) is still scored per
+    pixel on the masked one; its image AUROC pools both products."""
+    import shutil
+
+    from anomalib_feddymem.data import generate_synthetic_dataset
+    from anomalib_feddymem.federation.simulation import simulate
+
+    root = tmp_path / "data"
+    generate_synthetic_dataset(root, ["stripes", "disc"], image_size=64, **SYNTHETIC)
+    shutil.rmtree(root / "disc" / "ground_truth")
+    config = _config(tmp_path / "out", data_root=str(root), clients=1, partition="iid", rounds=1)
+    simulate(config)
+    (row,) = _rows(tmp_path / "out")
+    assert row["test_images"] == "12"
+    assert 0.5 <= float(row["image_auroc"]) <= 1.0
+    assert row["pixel_auroc"] and 0.5 <= float(row["pixel_auroc"]) <= 1.0

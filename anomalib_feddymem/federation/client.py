@@ -21,7 +21,7 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from lightning.pytorch import Trainer, seed_everything
 
-from anomalib_feddymem.evaluation import EvaluationResult, evaluate
+from anomalib_feddymem.evaluation import EvaluationResult, evaluate, evaluate_pooled
 from anomalib_feddymem.models.feddymem import FedDyMem
 
 from .messages import decode_memory, encode_memory
@@ -144,6 +144,10 @@ class FedDyMemClient:
     def evaluate(self) -> EvaluationResult:
         """Rank-based image/pixel AUROC of the current model on the client's own test images."""
         self.model.cpu()
+        per_product = getattr(self.datamodule, "product_test_dataloaders", None)
+        if per_product is not None and self.datamodule.product_test_data:
+            # pooled over the client's products; pixel AUROC from the products that have masks
+            return evaluate_pooled(self.model, per_product().values())
         return evaluate(self.model, self.datamodule.test_dataloader())
 
     # ---------------------------------------------------------------- persistence

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from torch.utils.data import DataLoader
 from anomalib.data.datamodules.base.image import AnomalibDataModule
 from anomalib.data.datasets.base.image import AnomalibDataset
 from torchvision.transforms.v2 import Resize
@@ -32,12 +33,35 @@ class ClientDataModule(AnomalibDataModule):
     augmentations (and the model's resize when attached to a trainer, as anomalib does).
     """
 
-    def __init__(self, name: str, train_data: AnomalibDataset, test_data: AnomalibDataset, **kwargs: Any) -> None:  # noqa: ANN401
+    def __init__(
+        self,
+        name: str,
+        train_data: AnomalibDataset,
+        test_data: AnomalibDataset,
+        product_test_data: Mapping[str, AnomalibDataset] | None = None,
+        **kwargs: Any,  # noqa: ANN401
+    ) -> None:
         super().__init__(**kwargs)
         self._name = name
         self.train_data = train_data
         self.test_data = test_data
         self.val_data = test_data
+        #: Each held product's own test set: products with and without masks keep their task.
+        self.product_test_data = dict(product_test_data or {})
+
+    def product_test_dataloaders(self) -> dict[str, DataLoader]:
+        """One test dataloader per held product (same augmentations as :meth:`test_dataloader`)."""
+        loaders = {}
+        for product, dataset in self.product_test_data.items():
+            dataset.augmentations = self.test_augmentations
+            loaders[product] = DataLoader(
+                dataset=dataset,
+                shuffle=False,
+                batch_size=self.eval_batch_size,
+                num_workers=self.num_workers,
+                collate_fn=dataset.collate_fn,
+            )
+        return loaders
 
     @property
     def name(self) -> str:
@@ -148,6 +172,7 @@ def client_datamodules(
                 name=f"client_{part.client_id}",
                 train_data=_concat(train_sets),
                 test_data=_concat(test_sets),
+                product_test_data=dict(zip(part.test_products, test_sets, strict=True)),
                 train_batch_size=train_batch_size,
                 eval_batch_size=eval_batch_size,
                 num_workers=num_workers,
