@@ -161,14 +161,8 @@ class FedDyMemClient:
         return {"model": model_state, "memory_round": self.memory_round}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; buffers whose size changed in training (memories) are resized."""
+        """Restore :meth:`state_dict` (memory buffers resize themselves: ``DynamicBufferMixin``)."""
         model_state = state["model"]
-        for key, value in model_state.items():
-            owner_name, _, name = key.rpartition(".")
-            owner = self.model.get_submodule(owner_name) if owner_name else self.model
-            buffer = owner._buffers.get(name)  # noqa: SLF001 - resize memory buffers before loading
-            if buffer is not None and buffer.shape != value.shape:
-                owner._buffers[name] = torch.empty_like(value)  # noqa: SLF001
         missing, unexpected = self.model.load_state_dict(model_state, strict=False)
         missing = [key for key in missing if not key.startswith(FROZEN_PREFIX)]
         if missing or unexpected:

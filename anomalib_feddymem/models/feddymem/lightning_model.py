@@ -180,18 +180,6 @@ class FedDyMem(AnomalibModule):
         """Trained on normal images only."""
         return LearningType.ONE_CLASS
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:  # noqa: ANN401
-        """Size the (initially empty) local memory like the checkpoint's before loading it.
-
-        ``load_from_checkpoint`` (used by ``anomalib export``/``Engine.export``) builds a fresh
-        module whose local memory has no items yet; torch refuses to copy into a shape mismatch.
-        """
-        for name in ("items", "counts"):
-            key = f"{prefix}local_memory.{name}"
-            if key in state_dict:
-                setattr(self.local_memory, name, torch.empty_like(state_dict[key], device=self.device))
-        super()._load_from_state_dict(state_dict, prefix, *args)
-
     # ----------------------------------------------------------------- federation interface
     def set_global_memory(self, memory: torch.Tensor) -> None:
         """Receive the server's global memory: scoring uses it and training now targets it."""

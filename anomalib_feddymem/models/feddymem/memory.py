@@ -14,6 +14,7 @@ import math
 
 import numpy as np
 import torch
+from anomalib.models.components import DynamicBufferMixin
 from sklearn.cluster import KMeans
 from torch import nn
 
@@ -129,7 +130,7 @@ def memory_reduce(
     return weighted_kmeans(items, counts, target, seed=seed)
 
 
-class DynamicMemory(nn.Module):
+class DynamicMemory(DynamicBufferMixin, nn.Module):
     """A client's local memory bank: ``K`` items of dimension ``d`` with a count per item.
 
     During a local epoch the embeddings of the normal training patches are assigned to their
@@ -137,7 +138,8 @@ class DynamicMemory(nn.Module):
     the mean of its assigned embeddings (EMA with ``momentum``) and sets its count to the number of
     embeddings it received, so counts always describe the client's current data.
 
-    Buffers, so that the memory is saved in Lightning checkpoints with the model.
+    Buffers, so that the memory is saved in Lightning checkpoints with the model; anomalib's
+    ``DynamicBufferMixin`` resizes them when a checkpoint of another size is loaded.
     """
 
     def __init__(self, momentum: float = 0.1) -> None:
