@@ -163,9 +163,13 @@ class FedDyMem(AnomalibModule):
         """anomalib's one-class post-processor (thresholds and normalisation from validation)."""
         return PostProcessor()
 
+    def _trainable_parameters(self) -> list[nn.Parameter]:
+        """The memory generator's parameters, empty for the no-training ablations."""
+        return [p for p in self.model.generator.parameters() if p.requires_grad]
+
     def configure_optimizers(self) -> torch.optim.Optimizer | None:
         """AdamW over the memory generator, or nothing for the no-training ablations."""
-        parameters = [p for p in self.model.generator.parameters() if p.requires_grad]
+        parameters = self._trainable_parameters()
         if not parameters:
             return None
         return torch.optim.AdamW(parameters, lr=self.learning_rate, weight_decay=self.weight_decay)
@@ -236,7 +240,7 @@ class FedDyMem(AnomalibModule):
             raise FloatingPointError(msg)
         self.local_memory.accumulate(embeddings)
         self._memory_stale = True
-        if self.configure_optimizers() is None:
+        if not self._trainable_parameters():
             return None
         loss = self.loss(embeddings, self._loss_target())
         self.log("train_loss", loss.item(), on_epoch=True, prog_bar=True, logger=True, batch_size=batch.image.shape[0])
