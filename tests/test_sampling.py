@@ -40,9 +40,11 @@ def test_same_indices_as_anomalib(n: int, dim: int, ratio: float, seed: int, kin
     assert torch.equal(FastKCenterGreedy(data, ratio).sample_coreset(), data[expected])
 
 
-def test_same_indices_without_projection() -> None:
-    """3-D embeddings skip the projection in anomalib; the fast sampler follows."""
-    data = torch.randn(1500, 4, 8, generator=torch.Generator().manual_seed(5))
+@pytest.mark.parametrize("shape", [(1500, 4, 8), (400, 3, 200)])
+def test_same_indices_without_projection(shape: tuple[int, int, int]) -> None:
+    """3-D embeddings skip the projection in anomalib; the fast sampler follows (also when the
+    flattened rows are wider than the principal-direction sample)."""
+    data = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
     _seed(3)
     expected = KCenterGreedy(data, 0.1).select_coreset_idxs()
     _seed(3)
@@ -101,3 +103,26 @@ def test_fast_patchcore_coreset_equals_anomalib() -> None:
     assert torch.equal(fast.model.memory_bank, stock.model.memory_bank)
     with pytest.raises(ValueError, match="Embedding store is empty"):
         fast.fit()
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.6])
+def test_same_indices_with_duplicates_and_tied_distances(ratio: float) -> None:
+    """Integer grid points, each repeated: exactly tied distances everywhere and, once every distinct
+    point is a centre, a maximum of 0 shared by all points; both samplers take the first index."""
+    generator = torch.Generator().manual_seed(7)
+    grid = torch.randint(0, 4, (150, 1, 3), generator=generator).float()
+    data = grid[torch.randint(0, 150, (600,), generator=generator)]  # 3-D: anomalib skips the projection
+    _seed(11)
+    expected = KCenterGreedy(data, ratio).select_coreset_idxs()
+    _seed(11)
+    assert FastKCenterGreedy(data, ratio).select_coreset_idxs() == expected
+
+
+def test_same_indices_with_duplicate_rows_after_projection() -> None:
+    """Repeated rows through anomalib's projection: more centres than distinct points."""
+    generator = torch.Generator().manual_seed(8)
+    data = torch.randn(200, 16, generator=generator)[torch.randint(0, 200, (1000,), generator=generator)]
+    _seed(12)
+    expected = KCenterGreedy(data, 0.3).select_coreset_idxs()
+    _seed(12)
+    assert FastKCenterGreedy(data, 0.3).select_coreset_idxs() == expected
