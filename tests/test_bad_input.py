@@ -93,7 +93,8 @@ def test_dataset_errors_are_value_errors() -> None:
 # --------------------------------------------------------------------------------------- options
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("memory_size", 0), ("global_memory_size", 0), ("reduce_ratio", 0.5), ("local_epochs", 0), ("learning_rate", 0.0)],
+    [("memory_size", 0), ("global_memory_size", 0), ("reduce_ratio", 0.5), ("local_epochs", 0), ("learning_rate", 0.0),
+     ("memory_init", "random")],
 )
 def test_impossible_option_fails_before_anything_is_built(
     option: str, value: float, tiny_model_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch

@@ -218,6 +218,31 @@ def test_dynamic_memory_initialize_from_embeddings() -> None:
     assert memory.items.shape == (2, 2), "size is capped by the number of embeddings"
 
 
+@pytest.mark.parametrize("method", ["coreset", "kmeans"])
+def test_dynamic_memory_initialize_methods_count_every_embedding(method: str) -> None:
+    points, _ = blobs()
+    memory = DynamicMemory()
+    memory.initialize(points, 5, seed=0, method=method)
+    assert memory.items.shape == (5, 2)
+    assert float(memory.counts.sum()) == len(points)
+
+
+def test_coreset_initialisation_keeps_a_rare_normal_patch() -> None:
+    """Why the coreset is the default: a lone normal pattern keeps an item of its own (an exact
+    training patch), so it scores zero instead of being averaged into a cluster mean."""
+    points, _ = blobs()
+    rare = torch.tensor([[40.0, -40.0]])
+    memory = DynamicMemory()
+    memory.initialize(torch.cat([points, rare]), 4, seed=0, method="coreset")
+    assert bool((memory.items == rare).all(dim=1).any())
+    assert float(memory.counts[(memory.items == rare).all(dim=1)]) == 1.0
+
+
+def test_dynamic_memory_rejects_unknown_init_method() -> None:
+    with pytest.raises(ValueError, match="memory init method must be one of"):
+        DynamicMemory().initialize(torch.randn(10, 2), 3, method="random")
+
+
 def test_dynamic_memory_persists_items_and_counts_only() -> None:
     memory = DynamicMemory()
     memory.set(torch.randn(3, 2), torch.tensor([1.0, 2.0, 3.0]))

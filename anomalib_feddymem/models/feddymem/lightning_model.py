@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import timm
 import torch
@@ -38,7 +38,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 from anomalib_feddymem.registration import attach_model
 
 from .loss import MemoryMetricLoss
-from .memory import DynamicMemory, aggregate_memories, memory_reduce
+from .memory import MEMORY_INIT_METHODS, DynamicMemory, aggregate_memories, memory_reduce
 from .torch_model import FedDyMemModel
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 class FedDyMem(AnomalibModule):
     """FedDyMem: federated dynamic memory for unsupervised anomaly detection.
 
-    Every argument is a CLI/YAML option (``--model.memory_size 2048``). Defaults are those of
+    Every argument is a CLI/YAML option (``--model.memory_size 4096``). Defaults are those of
     ``DESIGN.md`` where it gives one and were measured on ``../shared/data`` otherwise.
 
     Args:
@@ -58,9 +58,12 @@ class FedDyMem(AnomalibModule):
         use_generator: Train the memory generator ``g``; ``False`` (ablation) keeps it the initial
             fixed projection of the backbone features.
         memory_size: ``K_c``, items of the client's local memory bank.
+        memory_init: How the local bank is initialised from the client's embeddings:
+            ``"coreset"`` (k-center greedy, keeps rare normal patches) or ``"kmeans"``.
         global_memory_size: Items of the global memory ``G`` (capped by what is uploaded).
         reduce_ratio: Memory-reduce ratio before upload (``K_c / ratio`` items are sent).
-        memory_momentum: EMA momentum of the dynamic memory update; 0 disables the update.
+        memory_momentum: EMA momentum of the dynamic memory update: 1 (measured best) moves every hit
+            item to the mean of its embeddings under the current generator; 0 disables the update.
         num_nearest: ``K`` of the metric loss (attraction).
         num_hard_negatives: ``J`` of the metric loss (repulsion).
         radius: ``r`` of the metric loss.
@@ -81,17 +84,18 @@ class FedDyMem(AnomalibModule):
         pre_trained: bool = True,
         embedding_dim: int = 128,
         use_generator: bool = True,
-        memory_size: int = 2048,
-        global_memory_size: int = 2048,
+        memory_size: int = 4096,
+        memory_init: Literal["coreset", "kmeans"] = "coreset",
+        global_memory_size: int = 4096,
         reduce_ratio: float = 1.0,
-        memory_momentum: float = 0.1,
+        memory_momentum: float = 1.0,
         num_nearest: int = 3,
         num_hard_negatives: int = 3,
         radius: float = 1e-5,
         margin: float = 0.1,
         use_metric_loss: bool = True,
         num_neighbors: int = 1,
-        local_epochs: int = 3,
+        local_epochs: int = 1,
         learning_rate: float = 1e-3,
         weight_decay: float = 5e-4,
         seed: int = 0,
@@ -102,6 +106,7 @@ class FedDyMem(AnomalibModule):
     ) -> None:
         _validate_options(
             memory_size=memory_size,
+            memory_init=memory_init,
             global_memory_size=global_memory_size,
             reduce_ratio=reduce_ratio,
             local_epochs=local_epochs,
@@ -131,6 +136,7 @@ class FedDyMem(AnomalibModule):
             margin=margin,
         )
         self.memory_size = memory_size
+        self.memory_init = memory_init
         self.global_memory_size = global_memory_size
         self.reduce_ratio = reduce_ratio
         self.use_generator = use_generator
@@ -219,10 +225,10 @@ class FedDyMem(AnomalibModule):
         return torch.cat(rows)
 
     def on_train_start(self) -> None:
-        """Initialise the local memory from the client's own embeddings (k-means), once."""
+        """Initialise the local memory from the client's own embeddings (``memory_init``), once."""
         if self.local_memory.is_empty:
             embeddings = self._embeddings_of(self.trainer.train_dataloader)
-            self.local_memory.initialize(embeddings, self.memory_size, seed=self.seed)
+            self.local_memory.initialize(embeddings, self.memory_size, seed=self.seed, method=self.memory_init)
             self.local_memory.to(self.device)
             logger.info("Initialised local memory: %d items from %d patches.", len(self.local_memory.items), len(embeddings))
         if not bool(self.has_global_memory):
@@ -281,6 +287,9 @@ def _validate_options(**options: Any) -> None:  # noqa: ANN401
     """Reject impossible options before anything is built, naming the option."""
     if options["memory_size"] < 1:
         msg = f"memory_size must be >= 1, got {options['memory_size']}."
+        raise ValueError(msg)
+    if options["memory_init"] not in MEMORY_INIT_METHODS:
+        msg = f"memory_init must be one of {list(MEMORY_INIT_METHODS)}, got {options['memory_init']!r}."
         raise ValueError(msg)
     if options["global_memory_size"] < 1:
         msg = f"global_memory_size must be >= 1, got {options['global_memory_size']}."
