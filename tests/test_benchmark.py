@@ -186,3 +186,19 @@ def test_missing_data_root_skips_with_a_message(tmp_path, capsys):
     assert code == 0
     assert "Skipped the benchmark" in capsys.readouterr().out
     assert not (tmp_path / "results.csv").exists()
+
+
+def test_timing_images_are_resized_to_the_exported_input_size() -> None:
+    """A datamodule may yield another size than the benchmark's (fitted models can change its
+    transforms); the OpenVINO models take exactly ``image_size``, so timing images are resized."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from anomalib_feddymem.benchmark.timing import timing_images
+
+    batches = [SimpleNamespace(image=torch.rand(2, 3, 256, 256)) for _ in range(3)]
+    module = SimpleNamespace(test_dataloader=lambda: iter(batches))
+    images = timing_images(module, 5, image_size=128)
+    assert images.shape == (5, 3, 128, 128)
+    assert timing_images(module, 3).shape == (3, 3, 256, 256), "no size given: images as loaded"

@@ -88,7 +88,7 @@ def _time_models(config: BenchmarkConfig, runs: dict[str, MethodRun], tests: dic
     compiled: dict[int, Any] = {}
     timings: dict[tuple[str, str], dict] = {}
     for dataset, module in tests.items():
-        images = timing_images(module, config.timing_images)
+        images = timing_images(module, config.timing_images, config.image_size)
         for method, run in runs.items():
             model = run.scores[dataset].models[0]
             entry = {

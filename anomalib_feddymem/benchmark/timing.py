@@ -32,8 +32,13 @@ __all__ = [
 ]
 
 
-def timing_images(datamodule: Any, count: int) -> torch.Tensor:  # noqa: ANN401
-    """The first ``count`` test images of ``datamodule`` as one ``(n, 3, H, W)`` tensor."""
+def timing_images(datamodule: Any, count: int, image_size: int | None = None) -> torch.Tensor:  # noqa: ANN401
+    """The first ``count`` test images of ``datamodule`` as one ``(n, 3, H, W)`` tensor.
+
+    With ``image_size`` they are resized to it: the exported OpenVINO models take exactly that
+    input, and a datamodule may yield another size (anomalib lets a fitted model's pre-processor
+    change the datamodule's transforms, so the size depended on which methods ran before).
+    """
     images = []
     for batch in datamodule.test_dataloader():
         images.append(batch.image.float().cpu())
@@ -42,7 +47,10 @@ def timing_images(datamodule: Any, count: int) -> torch.Tensor:  # noqa: ANN401
     if not images:
         msg = f"No test images in {getattr(datamodule, 'name', datamodule)} to time the models on."
         raise ValueError(msg)
-    return torch.cat(images)[:count].contiguous()
+    batch = torch.cat(images)[:count]
+    if image_size is not None and tuple(batch.shape[-2:]) != (image_size, image_size):
+        batch = torch.nn.functional.interpolate(batch, size=(image_size, image_size), mode="bilinear", antialias=True)
+    return batch.contiguous()
 
 
 def median_ms(run: Callable[[torch.Tensor], Any], images: torch.Tensor) -> float:
