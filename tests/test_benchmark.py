@@ -189,8 +189,8 @@ def test_missing_data_root_skips_with_a_message(tmp_path, capsys):
 
 
 def test_timing_images_are_resized_to_the_exported_input_size() -> None:
-    """A datamodule may yield another size than the benchmark's (seen in a FedDyMem-only run);
-    the OpenVINO models take exactly ``image_size``, so timing images are resized."""
+    """Any datamodule given to the timing (e.g. one whose images keep their stored size) is
+    resized: the OpenVINO models take exactly ``image_size``."""
     from types import SimpleNamespace
 
     import torch

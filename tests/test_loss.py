@@ -87,3 +87,37 @@ def test_gradient_step_reduces_the_loss() -> None:
 def test_rejects_bad_counts(k: int, j: int) -> None:
     with pytest.raises(ValueError, match="num_nearest must be >= 1 and num_hard_negatives >= 0"):
         MemoryMetricLoss(num_nearest=k, num_hard_negatives=j)
+
+
+def test_neighbour_search_without_autograd_gives_the_full_topk_loss_and_gradient() -> None:
+    """The loss differentiates only the K + J found distances: same value and gradient as a full top-k."""
+    generator = torch.Generator().manual_seed(1)
+    items = torch.randn(50, 8, generator=generator)
+    z = torch.randn(40, 8, generator=generator, requires_grad=True)
+    reference_z = z.detach().clone().requires_grad_(True)
+    criterion = MemoryMetricLoss(num_nearest=3, num_hard_negatives=3, radius=0.5, margin=0.1)
+    value = criterion(z, items)
+    value.backward()
+    nearest = torch.cdist(reference_z, items).pow(2).topk(6, dim=1, largest=False).values
+    reference = torch.relu(nearest[:, :3] - 0.25).mean() + torch.relu(0.25 - nearest[:, 3:] + 0.1).mean()
+    reference.backward()
+    torch.testing.assert_close(value, reference)
+    torch.testing.assert_close(z.grad, reference_z.grad)
+
+
+def test_precomputed_neighbours_must_match_k_plus_j() -> None:
+    criterion = MemoryMetricLoss(num_nearest=1, num_hard_negatives=1)
+    with pytest.raises(ValueError, match=r"neighbours must have shape \(1, 2\)"):
+        criterion(ORIGIN, ITEMS, torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="must share d"):
+        criterion(ORIGIN, torch.zeros(3, 5))
+
+
+def test_loss_benchmark_script_prints_both_forms(capsys) -> None:
+    import runpy
+    from pathlib import Path
+
+    script = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_metric_loss.py"))
+    assert script["main"](["--patches", "64", "--sizes", "32,128", "--repeats", "1", "--threads", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "speed-up" in line]
+    assert len(lines) == 2 and "M=    32" in lines[0] and "M=   128" in lines[1]

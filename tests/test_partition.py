@@ -145,7 +145,8 @@ def test_client_datamodules_hold_their_share(tmp_path):
     parts = partition_indices(sizes, 2, "dirichlet", alpha=1.0, seed=2)
     modules = client_datamodules(products, parts, image_size=48)
     for part, module in zip(parts, modules, strict=True):
-        module.setup()
+        # no setup(): a module never given to an Engine must already yield image_size images
+        assert tuple(next(iter(module.train_dataloader())).image.shape[-2:]) == (48, 48)
         assert len(module.train_data) == part.num_train
         # test set = every test image (2 good + 2 defects) of each held product, labels of both kinds
         assert len(module.test_data) == 4 * len(part.test_products)

@@ -36,8 +36,7 @@ def timing_images(datamodule: Any, count: int, image_size: int | None = None) ->
     """The first ``count`` test images of ``datamodule`` as one ``(n, 3, H, W)`` tensor.
 
     With ``image_size`` they are resized to it: the exported OpenVINO models take exactly that
-    input, and the per-dataset test datamodules were seen yielding 256 px images in a 128 px run
-    that ran only the FedDyMem methods (the cause is not yet traced; see the model issue's note).
+    input, whatever size the datamodule yields.
     """
     images = []
     for batch in datamodule.test_dataloader():

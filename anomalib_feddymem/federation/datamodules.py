@@ -48,6 +48,10 @@ class ClientDataModule(AnomalibDataModule):
         self.val_data = test_data
         #: Each held product's own test set: products with and without masks keep their task.
         self.product_test_data = dict(product_test_data or {})
+        # anomalib applies augmentations only in ``setup``, which ``Engine`` calls but a bare
+        # ``test_dataloader()`` does not: without this, a module never given to an Engine yielded
+        # images at their stored size (256 px) instead of the benchmark's size.
+        self._update_augmentations()
 
     def product_test_dataloaders(self) -> dict[str, DataLoader]:
         """One test dataloader per held product (same augmentations as :meth:`test_dataloader`)."""

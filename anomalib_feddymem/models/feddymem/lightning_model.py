@@ -38,7 +38,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 from anomalib_feddymem.registration import attach_model
 
 from .loss import MemoryMetricLoss
-from .memory import MEMORY_INIT_METHODS, DynamicMemory, aggregate_memories, memory_reduce
+from .memory import MEMORY_INIT_METHODS, DynamicMemory, aggregate_memories, memory_reduce, nearest_k_items
 from .torch_model import FedDyMemModel
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 class FedDyMem(AnomalibModule):
     """FedDyMem: federated dynamic memory for unsupervised anomaly detection.
 
-    Every argument is a CLI/YAML option (``--model.memory_size 4096``). Defaults are those of
+    Every argument is a CLI/YAML option (``--model.memory_size 8192``). Defaults are those of
     ``DESIGN.md`` where it gives one and were measured on ``../shared/data`` otherwise.
 
     Args:
@@ -57,7 +57,11 @@ class FedDyMem(AnomalibModule):
         embedding_dim: ``d``, output dimension of the memory generator.
         use_generator: Train the memory generator ``g``; ``False`` (ablation) keeps it the initial
             fixed projection of the backbone features.
-        memory_size: ``K_c``, items of the client's local memory bank.
+        memory_size: ``K_c``, items of the client's local memory bank (capped by the client's
+            patches). Coverage of rare normal patches decides the AUROC: on magnetic_tile (256 px)
+            4096 items gave image / pixel AUROC 0.955 / 0.810 and 32768 gave 0.973 / 0.838, Patchcore's
+            level (``examples/compare_patchcore.py``). Training and scoring time grow with it; the
+            federation configs use smaller banks to keep uploads small.
         memory_init: How the local bank is initialised from the client's embeddings:
             ``"coreset"`` (k-center greedy, keeps rare normal patches) or ``"kmeans"``.
         global_memory_size: Items of the global memory ``G`` (capped by what is uploaded).
@@ -84,9 +88,9 @@ class FedDyMem(AnomalibModule):
         pre_trained: bool = True,
         embedding_dim: int = 128,
         use_generator: bool = True,
-        memory_size: int = 4096,
+        memory_size: int = 32768,
         memory_init: Literal["coreset", "kmeans"] = "coreset",
-        global_memory_size: int = 4096,
+        global_memory_size: int = 32768,
         reduce_ratio: float = 1.0,
         memory_momentum: float = 1.0,
         num_nearest: int = 3,
@@ -244,11 +248,15 @@ class FedDyMem(AnomalibModule):
         if not torch.isfinite(embeddings).all():
             msg = "Non-finite embeddings in a training batch (check the input images and learning rate)."
             raise FloatingPointError(msg)
-        self.local_memory.accumulate(embeddings)
         self._memory_stale = True
         if not self._trainable_parameters():
+            self.local_memory.accumulate(embeddings)
             return None
-        loss = self.loss(embeddings, self._loss_target())
+        target = self._loss_target()
+        neighbours = nearest_k_items(embeddings, target, self.loss.num_neighbours(target.shape[0]))
+        # Centralised training targets the local bank itself: its nearest item is the assignment.
+        self.local_memory.accumulate(embeddings, neighbours[:, 0] if target is self.local_memory.items else None)
+        loss = self.loss(embeddings, target, neighbours)
         self.log("train_loss", loss.item(), on_epoch=True, prog_bar=True, logger=True, batch_size=batch.image.shape[0])
         return {"loss": loss}
 

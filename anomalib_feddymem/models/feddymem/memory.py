@@ -43,11 +43,26 @@ def squared_distances(queries: torch.Tensor, items: torch.Tensor) -> torch.Tenso
     return (queries.pow(2).sum(-1, keepdim=True) - 2 * cross + items.pow(2).sum(-1)).clamp_min(0)
 
 
-def nearest_items(queries: torch.Tensor, items: torch.Tensor, chunk_size: int = 8192) -> torch.Tensor:
-    """Index of the nearest item for every query, computed in chunks to bound memory."""
+@torch.no_grad()
+def nearest_k_items(queries: torch.Tensor, items: torch.Tensor, k: int, chunk_size: int = 4096) -> torch.Tensor:
+    """``(N, k)`` indices of every query's ``k`` nearest items, nearest first, without autograd.
+
+    Chunked so that the ``(chunk, M)`` distance matrix stays bounded for large memories. The
+    metric loss uses it to find neighbours and then differentiates only the ``N x k`` distances
+    it needs, instead of keeping an ``N x M`` matrix in the autograd graph.
+    """
+    k = min(k, items.shape[0])
+    queries, items = queries.detach(), items.detach()
+    if k == 1:
+        return torch.cat([squared_distances(c, items).argmin(dim=1, keepdim=True) for c in torch.split(queries, chunk_size)])
     return torch.cat([
-        squared_distances(chunk, items).argmin(dim=1) for chunk in torch.split(queries, chunk_size)
+        squared_distances(c, items).topk(k, dim=1, largest=False).indices for c in torch.split(queries, chunk_size)
     ])
+
+
+def nearest_items(queries: torch.Tensor, items: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Index of the nearest item for every query, computed in chunks to bound memory."""
+    return nearest_k_items(queries, items, 1, chunk_size)[:, 0]
 
 
 def _group_means(
@@ -219,12 +234,20 @@ class DynamicMemory(DynamicBufferMixin, nn.Module):
         self._hits = torch.zeros_like(self.counts)
 
     @torch.no_grad()
-    def accumulate(self, embeddings: torch.Tensor) -> None:
-        """Assign ``(N, d)`` embeddings to their nearest items and add them to the epoch's sums."""
+    def accumulate(self, embeddings: torch.Tensor, assignment: torch.Tensor | None = None) -> None:
+        """Assign ``(N, d)`` embeddings to their nearest items and add them to the epoch's sums.
+
+        ``assignment`` (nearest item per embedding) may be passed when the caller already searched
+        this memory, e.g. the metric loss of centralised training, to avoid a second search.
+        """
         if self._sums.shape != self.items.shape:
             self._reset_accumulators()
         embeddings = embeddings.detach().float()
-        assignment = nearest_items(embeddings, self.items)
+        if assignment is None:
+            assignment = nearest_items(embeddings, self.items)
+        elif assignment.shape != embeddings.shape[:1]:
+            msg = f"assignment must have shape ({embeddings.shape[0]},), got {tuple(assignment.shape)}."
+            raise ValueError(msg)
         self._sums.index_add_(0, assignment, embeddings)
         self._hits += torch.bincount(assignment, minlength=self.items.shape[0]).float()
 
