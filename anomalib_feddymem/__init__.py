@@ -16,11 +16,12 @@ from ._lazy import lazy_attributes
 __version__ = "0.1.0"
 
 _LAZY = {
+    "FastPatchcore": "anomalib_feddymem.models.fast_patchcore.lightning_model",
     "FedDyMem": "anomalib_feddymem.models.feddymem.lightning_model",
     "FedDyMemModel": "anomalib_feddymem.models.feddymem.torch_model",
     "register_offline_weights": "anomalib_feddymem.weights",
 }
 
-__all__ = ["FedDyMem", "FedDyMemModel", "__version__", "register_offline_weights"]
+__all__ = ["FastPatchcore", "FedDyMem", "FedDyMemModel", "__version__", "register_offline_weights"]
 
 __getattr__ = lazy_attributes(__name__, _LAZY)

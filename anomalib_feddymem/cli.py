@@ -232,6 +232,8 @@ def add_benchmark_parser(subparsers: Any) -> None:  # noqa: ANN401
     parser.add_argument("--model", action="append", type=_model_option, metavar="KEY=VALUE",
                         help="A FedDyMem option, e.g. --model reduce_ratio=16 (repeatable).")
     parser.add_argument("--ablations", action="store_true", help="Also run the ablations (ablations.csv/md).")
+    parser.add_argument("--frontier", action="store_true",
+                        help="Also run every federated method at several upload budgets (frontier.csv/md).")
     parser.add_argument("--no-openvino", action="store_true", help="Skip the OpenVINO export and timing.")
 
 
@@ -245,7 +247,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     overrides["openvino"] = False if args.no_openvino else None
     overrides["model"] = dict(args.model or [])
     config = load_benchmark_config(args.config, **overrides)
-    result = run_benchmark(config, ablations=args.ablations, command=" ".join(["feddymem", *sys.argv[1:]]))
+    result = run_benchmark(config, ablations=args.ablations, frontier=args.frontier, command=" ".join(["feddymem", *sys.argv[1:]]))
     if result is None:
         print("Skipped the benchmark: no dataset folder found (see the warning above).")
         return 0

@@ -1,8 +1,8 @@
-"""Attach FedDyMem to ``anomalib.models`` and register offline backbone weights.
+"""Attach this package's models to ``anomalib.models`` and register offline backbone weights.
 
 Called by the import hook in :mod:`anomalib_feddymem._autoload` right after ``anomalib.models``
-finishes importing, and again (idempotently) by the FedDyMem module itself, so that whichever of
-the two is imported first, both end up connected.
+finishes importing, and again (idempotently) by each model module itself, so that whichever is
+imported first, all end up connected.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-MODEL_MODULE = "anomalib_feddymem.models.feddymem.lightning_model"
-MODEL_NAME = "FedDyMem"
+#: Model class name -> the module that defines it (and attaches it when imported).
+MODELS = {
+    "FedDyMem": "anomalib_feddymem.models.feddymem.lightning_model",
+    "FastPatchcore": "anomalib_feddymem.models.fast_patchcore.lightning_model",
+}
 
 
 def attach_model(model_class: type) -> None:
@@ -29,10 +32,10 @@ def attach_model(model_class: type) -> None:
 
 
 def on_anomalib_models_loaded(models: ModuleType) -> None:
-    """Register the offline weights, then import and attach FedDyMem.
+    """Register the offline weights, then import and attach every model of :data:`MODELS`.
 
-    If the FedDyMem module is itself being imported (it imports ``anomalib.models`` first), it is
-    left alone here: it attaches itself when it finishes.
+    A model module that is itself being imported (it imports ``anomalib.models`` first) is left
+    alone here: it attaches itself when it finishes.
     """
     from anomalib_feddymem.weights import register_offline_weights
 
@@ -40,9 +43,9 @@ def on_anomalib_models_loaded(models: ModuleType) -> None:
         register_offline_weights()
     except Exception:  # a broken cache must not break `import anomalib.models`
         logger.exception("Could not register offline ImageNet weights with timm.")
-    if MODEL_MODULE in sys.modules:
-        return
     from importlib import import_module
 
-    attach_model(getattr(import_module(MODEL_MODULE), MODEL_NAME))
+    for name, module in MODELS.items():
+        if module not in sys.modules:
+            attach_model(getattr(import_module(module), name))
     del models

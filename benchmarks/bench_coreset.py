@@ -38,12 +38,15 @@ def synthetic_embedding(num_points: int, dim: int = 152, clusters: int = 500, se
 @torch.no_grad()
 def embedding_of(dataset: Path, max_images: int | None) -> torch.Tensor:
     """Patchcore's training embedding of the ``train/good`` images of an MVTec-layout folder."""
-    from anomalib_feddymem.baselines import FastPatchcore
+    from anomalib_feddymem.benchmark.methods import patchcore_pre_processor
     from anomalib_feddymem.data import folder_datamodule
+    from anomalib_feddymem.models.fast_patchcore import FastPatchcore
 
     datamodule = folder_datamodule(dataset, num_workers=0)
     datamodule.setup()
-    model = FastPatchcore()
+    model = FastPatchcore(
+        backbone="tf_efficientnet_lite0", layers=["blocks.2", "blocks.4"], pre_processor=patchcore_pre_processor()
+    )
     model.model.train()
     transform = model.pre_processor.transform
     seen = 0

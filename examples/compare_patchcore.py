@@ -56,9 +56,14 @@ def build_model(kind: str, image_size: int, overrides: dict[str, Any]):  # noqa:
         backbone = overrides.get("backbone", "tf_efficientnet_lite0")
         pre_processor = FedDyMem.configure_pre_processor(image_size=(image_size, image_size), backbone=backbone)
         return FedDyMem(pre_processor=pre_processor, **overrides)
-    from anomalib_feddymem.baselines import FastPatchcore, patchcore_pre_processor
+    from anomalib_feddymem.benchmark.methods import patchcore_pre_processor
+    from anomalib_feddymem.models.fast_patchcore import FastPatchcore
 
-    return FastPatchcore(pre_processor=patchcore_pre_processor((image_size, image_size)))
+    return FastPatchcore(
+        backbone="tf_efficientnet_lite0",
+        layers=["blocks.2", "blocks.4"],
+        pre_processor=patchcore_pre_processor((image_size, image_size)),
+    )
 
 
 def run_one(kind: str, dataset: Path, image_size: int, output: Path, overrides: dict[str, Any]) -> dict[str, Any]:

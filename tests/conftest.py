@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,11 @@ TINY_MODEL_OPTIONS: dict[str, Any] = {
     "backbone": "tf_efficientnet_lite0",
     "pre_trained": True,
     "embedding_dim": 32,
+    "memory_ratio": 1.0,
     "memory_size": 64,
     "global_memory_size": 64,
+    "reduce_ratio": 1.0,
+    "upload_precision": "float32",
     "local_epochs": 1,
     "seed": 0,
 }
@@ -175,3 +179,27 @@ def run_cli(
 def cli() -> Callable[..., subprocess.CompletedProcess]:
     """:func:`run_cli` as a fixture, for test files that run the console scripts."""
     return run_cli
+
+
+# ------------------------------------------------------------------- helpers shared by test files
+def folder_data_options(folder: Path) -> list[str]:
+    """``--data.*`` options of an anomalib ``Folder`` over a synthetic MVTec-layout folder."""
+    return [
+        "--data.name", folder.name, "--data.root", str(folder), "--data.normal_dir", "train/good",
+        "--data.abnormal_dir", "[test/blob,test/scratch]", "--data.normal_test_dir", "test/good",
+        "--data.mask_dir", "[ground_truth/blob,ground_truth/scratch]",
+        "--data.train_batch_size", "4", "--data.eval_batch_size", "4", "--data.num_workers", "0",
+    ]  # fmt: skip
+
+
+def python(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter of this venv (site hooks active)."""
+    return subprocess.run(
+        [sys.executable, *args, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600, check=False
+    )
+
+
+def only_checkpoint(root: Path) -> Path:
+    checkpoints = sorted(root.rglob("*.ckpt"))
+    assert len(checkpoints) == 1, f"expected one checkpoint under {root}, found {checkpoints}"
+    return checkpoints[0]

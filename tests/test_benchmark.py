@@ -18,7 +18,8 @@ from anomalib_feddymem.benchmark.config import METHODS, load_benchmark_config
 from anomalib_feddymem.benchmark.report import COLUMNS, read_csv
 
 DATASETS = ("stripes", "checker")
-TINY = {"pre_trained": False, "embedding_dim": 32, "memory_size": 64, "global_memory_size": 64, "reduce_ratio": 2}
+TINY = {"pre_trained": False, "embedding_dim": 32, "memory_ratio": 1.0, "memory_size": 64, "global_memory_size": 64,
+        "reduce_ratio": 2, "upload_precision": "float32"}
 
 
 def _config(data_root: Path, output: Path, **changes: Any) -> Any:  # noqa: ANN401

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Array
 import torch
 
 from anomalib_feddymem.federation.checkpoint import Checkpointer
@@ -85,9 +86,10 @@ def _clusters(seed: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     return uploads
 
 
-def test_aggregation_is_weighted_kmeans_preserving_mass():
+@pytest.mark.parametrize("method", ["kcenter", "kmeans"])
+def test_aggregation_groups_are_weighted_means_preserving_mass(method):
     uploads = _clusters(0)
-    result = server_step(uploads, size=3, embedding_dim=DIM, max_items=100, seed=0)
+    result = server_step(uploads, size=3, embedding_dim=DIM, max_items=100, seed=0, method=method)
     items = np.concatenate([u[0] for u in uploads.values()]).astype(np.float64)
     weights = np.concatenate([u[1] for u in uploads.values()]).astype(np.float64)
     g, w = result.global_memory.double().numpy(), result.weights.double().numpy()
@@ -102,14 +104,14 @@ def test_aggregation_is_weighted_kmeans_preserving_mass():
 
 def test_warm_start_from_previous_global_memory():
     uploads = _clusters(1)
-    first = server_step(uploads, size=3, embedding_dim=DIM, max_items=100, seed=0).global_memory
+    first = server_step(uploads, size=3, embedding_dim=DIM, max_items=100, seed=0, method="kmeans").global_memory
     # warm-started from G, the result no longer depends on the k-means seed and keeps G's item order
-    a = server_step(uploads, size=3, embedding_dim=DIM, max_items=100, seed=1, previous=first).global_memory
-    b = server_step(uploads, size=3, embedding_dim=DIM, max_items=100, seed=7, previous=first).global_memory
+    a = server_step(uploads, size=3, embedding_dim=DIM, max_items=100, seed=1, previous=first, method="kmeans").global_memory
+    b = server_step(uploads, size=3, embedding_dim=DIM, max_items=100, seed=7, previous=first, method="kmeans").global_memory
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, first, atol=1e-4, rtol=0)
     permuted = first[[2, 0, 1]]
-    c = server_step(uploads, size=3, embedding_dim=DIM, max_items=100, seed=0, previous=permuted).global_memory
+    c = server_step(uploads, size=3, embedding_dim=DIM, max_items=100, seed=0, previous=permuted, method="kmeans").global_memory
     torch.testing.assert_close(c, permuted, atol=1e-4, rtol=0)
 
 
@@ -124,6 +126,62 @@ def test_memory_record_round_trip_and_bytes():
     assert items.nbytes + weights.nbytes < record_nbytes(record) < items.nbytes + weights.nbytes + 512
     assert record_nbytes(None) == 0
     assert decode_memory(encode_memory(items))[1] is None
+
+
+@pytest.mark.parametrize(("precision", "tolerance", "bytes_per_value"), [("float16", 0.01, 2), ("int8", None, 1)])
+def test_quantised_records_round_trip_within_their_step(precision, tolerance, bytes_per_value):
+    rng = np.random.default_rng(0)
+    items = (rng.normal(size=(64, 32)) * rng.uniform(0.1, 5, size=32)).astype(np.float32)
+    weights = rng.uniform(1, 9, size=64).astype(np.float32)
+    record = encode_memory(items, weights, precision)
+    decoded, decoded_weights = decode_memory(record, precision)
+    assert decoded.dtype == np.float32 and decoded.shape == items.shape
+    np.testing.assert_array_equal(decoded_weights, weights)
+    if tolerance is None:  # int8: half a step of each dimension's range
+        step = (items.max(0) - items.min(0)) / 255
+        assert (np.abs(decoded - items) <= step / 2 + 1e-6).all()
+    else:
+        np.testing.assert_allclose(decoded, items, rtol=tolerance, atol=1e-3)
+    payload = items.size * bytes_per_value + weights.nbytes + (2 * 32 * 4 if precision == "int8" else 0)
+    assert payload < record_nbytes(record) < payload + 768
+
+
+def test_receiver_refuses_items_of_another_precision_or_a_broken_code():
+    items, weights = _upload(8, 4)
+    with pytest.raises(ValueError, match="items must be int8 on the wire, got float32"):
+        decode_memory(encode_memory(items, weights, "float32"), "int8")
+    with pytest.raises(ValueError, match="items must be float32 on the wire, got float16"):
+        decode_memory(encode_memory(items, weights, "float16"), "float32")
+    record = encode_memory(items, weights, "int8")
+    record["items-scale"] = Array(-np.ones(4, dtype=np.float32))
+    with pytest.raises(ValueError, match="items-scale must be positive"):
+        decode_memory(record, "int8")
+    record["items-scale"] = Array(np.ones(3, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"items-scale must be float32 of shape \(4,\)"):
+        decode_memory(record, "int8")
+    del record["items-offset"]
+    with pytest.raises(ValueError, match="int8 items need"):
+        decode_memory(record, "int8")
+    with pytest.raises(ValueError, match="wire precision must be one of"):
+        encode_memory(items, weights, "int4")
+
+
+@pytest.mark.slow
+def test_server_rejects_an_upload_in_the_wrong_dtype_and_the_round_goes_on(tmp_path, caplog):
+    from anomalib_feddymem.federation.runner import run_federation
+    from anomalib_feddymem.federation.simulation import InProcessTransport, build_clients
+
+    config = _config(tmp_path, rounds=1, model={**MODEL, "upload_precision": "int8"})
+    clients = build_clients(config)
+    clients[1].model.upload_precision = "float32"  # a misconfigured (or hostile) site
+    with caplog.at_level(logging.WARNING):
+        result = run_federation(InProcessTransport(clients, image_size=64), config)
+    rows = _rows(tmp_path)
+    assert rows[0]["status"] == "ok"
+    assert rows[1]["status"] == "rejected: items must be int8 on the wire, got float32"
+    assert "Rejected the upload of client 1: items must be int8 on the wire" in caplog.text
+    assert int(rows[0]["upload_bytes"]) < int(rows[1]["upload_bytes"]) / 3  # int8 is a quarter of float32
+    assert result.global_memory.shape[1] == 32
 
 
 # --------------------------------------------------------------------------------------- config
@@ -164,7 +222,9 @@ def test_checked_in_configs_load():
 
 # ------------------------------------------------------------------------------ in-process runs
 SYNTHETIC = {"train_per_product": 6, "test_good_per_product": 2, "test_defect_per_type": 2}
-MODEL = {"memory_size": 64, "global_memory_size": 48, "reduce_ratio": 2, "embedding_dim": 32}
+# Fixed sizes and float32 items, so byte counts below are exact; the defaults are tested apart.
+MODEL = {"memory_ratio": 1.0, "memory_size": 64, "global_memory_size": 48, "reduce_ratio": 2, "embedding_dim": 32,
+         "upload_precision": "float32"}
 
 
 def _config(output: Path, **changes) -> FederationConfig:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PRODUCTS = ["stripes", "disc"]
-MODEL = "{memory_size: 64, global_memory_size: 48, reduce_ratio: 2, embedding_dim: 32}"
+MODEL = "{memory_ratio: 1.0, memory_size: 64, global_memory_size: 48, reduce_ratio: 2, embedding_dim: 32, upload_precision: float32}"
 
 
 def _free_port() -> int:

@@ -13,6 +13,7 @@ import torch
 from anomalib_feddymem.models.feddymem.memory import (
     DynamicMemory,
     aggregate_memories,
+    kcenter_grouping,
     memory_reduce,
     nearest_items,
     squared_distances,
@@ -162,7 +163,7 @@ def test_aggregate_memories_clusters_the_union_of_uploads() -> None:
 def test_aggregate_memories_warm_starts_from_previous_global_memory() -> None:
     points, _ = blobs()
     previous = CENTERS[[1, 2, 0]]
-    memory, _ = aggregate_memories([(points, torch.ones(len(points)))], 3, previous=previous)
+    memory, _ = aggregate_memories([(points, torch.ones(len(points)))], 3, previous=previous, method="kmeans")
     assert match_to_centers(memory).tolist() == [1, 2, 0]
 
 
@@ -253,3 +254,92 @@ def test_dynamic_memory_persists_items_and_counts_only() -> None:
 def test_dynamic_memory_rejects_bad_momentum() -> None:
     with pytest.raises(ValueError, match="momentum must be in"):
         DynamicMemory(momentum=1.5)
+
+
+# ------------------------------------------------------------------------------ k-center grouping
+def rare_item_points() -> tuple[torch.Tensor, torch.Tensor]:
+    """Eleven heavy items on a line (0..10, weight 100) and one rare item far away (30, weight 1)."""
+    points = torch.cat([torch.arange(11.0), torch.tensor([30.0])])[:, None]
+    return points, torch.cat([torch.full((11,), 100.0), torch.ones(1)])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_kcenter_grouping_keeps_a_rare_far_item_whatever_the_first_centre(seed: int) -> None:
+    points, weights = rare_item_points()
+    items, totals = kcenter_grouping(points, weights, 2, seed=seed)
+    order = items[:, 0].argsort()
+    torch.testing.assert_close(items[order], torch.tensor([[5.0], [30.0]]))  # the rare item survives exactly
+    torch.testing.assert_close(totals[order], torch.tensor([1100.0, 1.0]))
+
+
+def test_weighted_kmeans_from_a_poor_start_averages_the_rare_item_away() -> None:
+    """What coverage-preserving grouping avoids: k-means' optimum merges the rare item into a heavy group."""
+    points, weights = rare_item_points()
+    items, _ = weighted_kmeans(points, weights, 2, init=torch.tensor([[2.0], [8.0]]))
+    assert torch.cdist(torch.tensor([[30.0]]), items).min() > 20
+
+
+def test_kcenter_grouping_covers_far_points_and_preserves_mass() -> None:
+    generator = torch.Generator().manual_seed(0)
+    points = torch.cat([torch.randn(300, 3, generator=generator), torch.randn(5, 3, generator=generator) + 12])
+    weights = torch.rand(305, generator=generator) + 0.5
+    items, totals = kcenter_grouping(points, weights, 40, seed=0)
+    assert items.shape == (40, 3)
+    assert float(totals.sum()) == pytest.approx(float(weights.sum()), rel=1e-6)
+    torch.testing.assert_close(weighted_mean(items, totals), weighted_mean(points, weights), atol=1e-5, rtol=1e-5)
+    # five far points (weight ~1 each against 300 near the origin) keep items of their own nearby
+    assert torch.cdist(points[-5:], items).min(dim=1).values.max() < 3, "the five far points stay covered"
+
+
+def test_memory_reduce_default_is_kcenter_and_kmeans_is_an_option() -> None:
+    points, weights = rare_item_points()
+    kept, _ = memory_reduce(points, weights, 6.0)  # ceil(12 / 6) = 2 groups
+    assert torch.cdist(torch.tensor([[30.0]]), kept).min() == 0
+    averaged, _ = memory_reduce(points, weights, 6.0, method="kmeans")
+    assert averaged.shape == (2, 1)
+    with pytest.raises(ValueError, match="grouping method must be one of"):
+        memory_reduce(points, weights, 2.0, method="mean")
+
+
+def test_aggregate_memories_keeps_a_union_that_fits_whole() -> None:
+    uploads = [(torch.tensor([[0.0, 1.0], [2.0, 3.0]]), torch.tensor([1.0, 2.0])), (torch.tensor([[4.0, 5.0]]), torch.ones(1))]
+    memory, weights = aggregate_memories(uploads, 3)
+    assert torch.equal(memory, torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]))
+    assert torch.equal(weights, torch.tensor([1.0, 2.0, 1.0]))
+
+
+def test_weighted_kmeans_on_a_subsample_is_seeded_and_assigns_every_point() -> None:
+    generator = torch.Generator().manual_seed(5)
+    points = torch.randn(2000, 4, generator=generator)
+    weights = torch.rand(2000, generator=generator) + 0.1
+    first = weighted_kmeans(points, weights, 16, seed=3, max_points=256)
+    second = weighted_kmeans(points, weights, 16, seed=3, max_points=256)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert float(first[1].sum()) == pytest.approx(float(weights.sum()), rel=1e-6)  # all 2000 points are in a group
+
+
+def test_kcenter_grouping_with_covered_items_adds_only_what_they_lack() -> None:
+    """Two blobs; G already holds the first: the new groups all come from the second."""
+    generator = torch.Generator().manual_seed(1)
+    near = torch.randn(50, 2, generator=generator) * 0.1
+    far = torch.randn(30, 2, generator=generator) * 0.1 + torch.tensor([10.0, 0.0])
+    points, weights = torch.cat([near, far]), torch.ones(80)
+    held = torch.tensor([[0.0, 0.0]])
+    items, totals = kcenter_grouping(points, weights, 3, covered=held)
+    assert items.shape == (3, 2)
+    assert (items[:, 0] > 9).all(), "every new item lies in the blob G lacks"
+    assert float(totals.sum()) == pytest.approx(30.0), "points G already covers are left out"
+    # a point G holds exactly is never sent again
+    same, _ = kcenter_grouping(held, torch.ones(1), 4, covered=held)
+    assert same.shape == (0, 2)
+    with pytest.raises(ValueError, match=r"covered must have shape \(M, 2\)"):
+        kcenter_grouping(points, weights, 3, covered=torch.zeros(2, 3))
+
+
+def test_growing_aggregation_keeps_the_previous_global_memory() -> None:
+    previous, previous_weights = torch.tensor([[0.0, 0.0]]), torch.tensor([5.0])
+    upload = (torch.tensor([[3.0, 4.0]]), torch.tensor([2.0]))
+    grown, weights = aggregate_memories([upload], 10, previous=previous, previous_weights=previous_weights, grow=True)
+    assert torch.equal(grown, torch.tensor([[0.0, 0.0], [3.0, 4.0]])) and torch.equal(weights, torch.tensor([5.0, 2.0]))
+    rebuilt, _ = aggregate_memories([upload], 10, previous=previous, grow=False)
+    assert torch.equal(rebuilt, upload[0])

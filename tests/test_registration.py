@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import folder_data_options, only_checkpoint, python
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = REPO_ROOT / "configs" / "feddymem.yaml"
@@ -33,29 +34,6 @@ TINY_CLI_OPTIONS = [
     "--model.memory_size", "64", "--model.global_memory_size", "64", "--model.embedding_dim", "32",
     "--model.local_epochs", "1", "--trainer.max_epochs", "1",
 ]  # fmt: skip
-
-
-def folder_data_options(folder: Path) -> list[str]:
-    """``--data.*`` options of an anomalib ``Folder`` over a synthetic MVTec-layout folder."""
-    return [
-        "--data.name", folder.name, "--data.root", str(folder), "--data.normal_dir", "train/good",
-        "--data.abnormal_dir", "[test/blob,test/scratch]", "--data.normal_test_dir", "test/good",
-        "--data.mask_dir", "[ground_truth/blob,ground_truth/scratch]",
-        "--data.train_batch_size", "4", "--data.eval_batch_size", "4", "--data.num_workers", "0",
-    ]  # fmt: skip
-
-
-def python(code: str, *args: str) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter of this venv (site hooks active)."""
-    return subprocess.run(
-        [sys.executable, *args, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600, check=False
-    )
-
-
-def only_checkpoint(root: Path) -> Path:
-    checkpoints = sorted(root.rglob("*.ckpt"))
-    assert len(checkpoints) == 1, f"expected one checkpoint under {root}, found {checkpoints}"
-    return checkpoints[0]
 
 
 # ------------------------------------------------------------------------------ interpreter start
@@ -190,7 +168,7 @@ def test_anomalib_benchmark_patchcore_vs_feddymem(tmp_path: Path, cli: Callable[
         tmp_path / "data", ["disc"], image_size=64, train_per_product=4, test_good_per_product=2, test_defect_per_type=1
     )
     config = yaml.safe_load(BENCHMARK_CONFIG.read_text())
-    assert config["benchmark"]["model"]["class_path"]["grid"] == ["Patchcore", "FedDyMem"]
+    assert config["benchmark"]["model"]["class_path"]["grid"] == ["FastPatchcore", "FedDyMem"]
     data = config["benchmark"]["data"]["init_args"]
     data.update(
         name=synthetic_folder.name,
@@ -208,6 +186,19 @@ def test_anomalib_benchmark_patchcore_vs_feddymem(tmp_path: Path, cli: Callable[
     import pandas as pd
 
     results = pd.read_csv(tables[-1])
-    assert sorted(results["model.class_path"]) == ["FedDyMem", "Patchcore"]
+    assert sorted(results["model.class_path"]) == ["FastPatchcore", "FedDyMem"]
     assert set(results["model.init_args.backbone"]) == {"tf_efficientnet_lite0"}
     assert results["image_AUROC"].between(0, 1).all() and results["pixel_AUROC"].between(0, 1).all()
+
+
+def test_print_config_shows_the_class_defaults(tmp_path: Path, cli: Callable[..., Any]) -> None:
+    """``anomalib train --model FedDyMem --print_config`` resolves the bare name and prints every default."""
+    from anomalib_feddymem import FedDyMem
+
+    result = cli(["anomalib", "train", "--model", "FedDyMem", "--print_config"], cwd=tmp_path, timeout=300)
+    printed = yaml.safe_load(result.stdout)["model"]
+    assert printed["class_path"].endswith("FedDyMem")
+    parameters = inspect.signature(FedDyMem.__init__).parameters
+    for name in ("embedding_dim", "memory_ratio", "memory_size", "reduce_ratio", "reduce_method", "aggregation",
+                 "upload_precision", "global_memory_size"):  # fmt: skip
+        assert printed["init_args"][name] == parameters[name].default, name

@@ -84,9 +84,9 @@ def test_fast_patchcore_coreset_equals_anomalib() -> None:
     """FastPatchcore.fit builds exactly the memory bank anomalib's Patchcore would."""
     from anomalib.models import Patchcore
 
-    from anomalib_feddymem.baselines import FastPatchcore
+    from anomalib_feddymem.models.fast_patchcore import FastPatchcore
 
-    fast = FastPatchcore(pre_trained=False, coreset_sampling_ratio=0.1)
+    fast = FastPatchcore(backbone="tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), pre_trained=False)
     stock = Patchcore(backbone="tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), pre_trained=False)
     stock.model.load_state_dict(fast.model.state_dict())
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

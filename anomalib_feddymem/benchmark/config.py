@@ -28,9 +28,24 @@ METHODS = (
     "patchcore_federated",
 )
 #: Ablation families: the on/off switches and the sweeps (values in ``BenchmarkConfig.ablation``).
-ABLATIONS = ("no_generator", "no_metric_loss", "no_dynamic_update", "reduce_ratio", "global_memory_size", "alpha")
+ABLATIONS = (
+    "no_generator",
+    "metric_loss",
+    "no_dynamic_update",
+    "no_growth",
+    "abstract_kmeans",
+    "reduce_ratio",
+    "global_memory_size",
+    "embedding_dim",
+    "upload_precision",
+    "alpha",
+)
 #: FedDyMem options the benchmark shares with Patchcore (same backbone, layers and weights).
 SHARED_BACKBONE_OPTIONS = ("backbone", "layers", "pre_trained")
+
+
+def _default_frontier() -> dict[str, Any]:
+    return {"reduce_ratios": [4, 8, 32], "coreset_ratios": [0.1, 0.03, 0.01]}
 
 
 def _default_ablation() -> dict[str, Any]:
@@ -38,6 +53,8 @@ def _default_ablation() -> dict[str, Any]:
         "variants": list(ABLATIONS),
         "reduce_ratios": [2, 8, 32],
         "global_memory_sizes": [256, 1024, 4096],
+        "embedding_dims": [32, 64],
+        "upload_precisions": ["float32", "float16", "int8"],
         "alphas": [0.1, 0.5, 10.0],
     }
 
@@ -73,7 +90,10 @@ class BenchmarkConfig:
         accelerator: Lightning accelerator of training (evaluation and timing run on the CPU).
         synthetic: Size of the generated data when ``data_root`` is ``None``.
         ablation: ``variants`` (names of :data:`ABLATIONS`) and the sweeps' values
-            (``reduce_ratios``, ``global_memory_sizes``, ``alphas``).
+            (``reduce_ratios``, ``global_memory_sizes``, ``embedding_dims``, ``upload_precisions``,
+            ``alphas``).
+        frontier: Upload budgets of ``--frontier``: FedDyMem's ``reduce_ratios`` and naive
+            federated Patchcore's ``coreset_ratios``.
     """
 
     data_root: str | None = None
@@ -98,6 +118,7 @@ class BenchmarkConfig:
     accelerator: str = "auto"
     synthetic: dict[str, int] = field(default_factory=lambda: {"train_per_product": 12})
     ablation: dict[str, Any] = field(default_factory=_default_ablation)
+    frontier: dict[str, Any] = field(default_factory=_default_frontier)
 
     def __post_init__(self) -> None:
         """Normalise and check every option, naming the bad one."""
@@ -141,6 +162,17 @@ class BenchmarkConfig:
         if unknown_keys:
             msg = f"ablation: unknown key(s) {unknown_keys}; known: {sorted(_default_ablation())}."
             raise ValueError(msg)
+        self.frontier = {**_default_frontier(), **(self.frontier or {})}
+        unknown_keys = sorted(set(self.frontier) - set(_default_frontier()))
+        if unknown_keys:
+            msg = f"frontier: unknown key(s) {unknown_keys}; known: {sorted(_default_frontier())}."
+            raise ValueError(msg)
+        if any(not 0 < float(r) <= 1 for r in self.frontier["coreset_ratios"]):
+            msg = f"frontier.coreset_ratios must lie in (0, 1], got {self.frontier['coreset_ratios']}."
+            raise ValueError(msg)
+        if any(float(r) < 1 for r in self.frontier["reduce_ratios"]):
+            msg = f"frontier.reduce_ratios must be >= 1, got {self.frontier['reduce_ratios']}."
+            raise ValueError(msg)
 
     @property
     def output_dir(self) -> Path:
@@ -178,6 +210,7 @@ class BenchmarkConfig:
             "image_size": self.image_size,
             "batch_size": self.batch_size,
             "min_clients": 1,
+            "evaluation": "none",  # the benchmark scores the final models per dataset itself
             "progress": False,
             "accelerator": self.accelerator,
             "model": dict(self.model),

@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from anomalib.pre_processing import PreProcessor
 from lightning.pytorch import Trainer, seed_everything
 from rich.console import Console
+from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from anomalib_feddymem.baselines import FastPatchcore, patchcore_pre_processor
 from anomalib_feddymem.evaluation import EvaluationResult, evaluate
 from anomalib_feddymem.federation.client import FedDyMemClient
 from anomalib_feddymem.federation.config import FederationConfig
@@ -42,6 +43,7 @@ from anomalib_feddymem.federation.messages import decode_memory, encode_memory, 
 from anomalib_feddymem.federation.partition import ClientPartition
 from anomalib_feddymem.federation.runner import FederationResult, run_federation
 from anomalib_feddymem.federation.simulation import InProcessTransport, build_client, build_partition
+from anomalib_feddymem.models.fast_patchcore import FastPatchcore
 from anomalib_feddymem.sampling import FastKCenterGreedy
 
 from .config import BenchmarkConfig
@@ -55,6 +57,7 @@ __all__ = [
     "dataset_datamodules",
     "federate",
     "mean_result",
+    "patchcore_pre_processor",
     "run_feddymem_central",
     "run_feddymem_federated",
     "run_patchcore_central",
@@ -88,6 +91,15 @@ class MethodRun:
     def upload_bytes_per_round(self) -> float:
         """Mean over clients of the bytes one client uploads per round (0 without communication)."""
         return float(statistics.fmean(self.upload_bytes.values())) if self.upload_bytes else 0.0
+
+
+def patchcore_pre_processor(image_size: tuple[int, int] = (256, 256), mean: float = 0.5, std: float = 0.5) -> PreProcessor:
+    """Resize + normalise with EfficientNet-Lite's statistics (0.5/0.5), as FedDyMem's default does.
+
+    Patchcore's own default normalises with ImageNet's statistics, which suit ResNets; the
+    comparison gives both models the statistics of the shared backbone.
+    """
+    return PreProcessor(transform=Compose([Resize(image_size, antialias=True), Normalize([mean] * 3, [std] * 3)]))
 
 
 # --------------------------------------------------------------------------------------- data
@@ -184,6 +196,8 @@ def federate(config: FederationConfig, console: Console | None = None) -> Federa
     transport = InProcessTransport(clients, image_size=config.image_size, console=console)
     start = time.perf_counter()
     result = run_federation(transport, config, console=console)
+    for client in clients:  # the benchmark scores them itself (config.evaluation): hand them the final G
+        client.install_memory(result.global_memory, config.rounds)
     return FederatedFedDyMem(result, clients, partitions, products, time.perf_counter() - start)
 
 

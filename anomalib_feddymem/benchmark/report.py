@@ -18,6 +18,7 @@ import numpy as np
 __all__ = [
     "ABLATION_COLUMNS",
     "COLUMNS",
+    "FRONTIER_COLUMNS",
     "mean_defined",
     "method_means",
     "plot_auroc_vs_upload",
@@ -26,6 +27,7 @@ __all__ = [
     "target_checks",
     "write_ablations",
     "write_csv",
+    "write_frontier",
     "write_markdown",
 ]
 
@@ -42,6 +44,9 @@ COLUMNS = (
     "num_models",
 )
 ABLATION_COLUMNS = ("ablation", "value", "image_auroc", "pixel_auroc", "upload_bytes_per_round", "fit_s")
+FRONTIER_COLUMNS = (
+    "method", "setting", "image_auroc", "pixel_auroc", "upload_bytes_per_round", "rounds", "total_upload_bytes"
+)  # fmt: skip
 
 
 def _cell(value: Any) -> Any:  # noqa: ANN401
@@ -195,6 +200,15 @@ def write_ablations(rows: Sequence[Mapping[str, Any]], output: Path, preamble: s
     return csv_path, md_path
 
 
+def write_frontier(rows: Sequence[Mapping[str, Any]], output: Path, preamble: str) -> tuple[Path, Path]:
+    """``frontier.csv`` and ``frontier.md``: mean AUROCs against total upload bytes per budget."""
+    csv_path = write_csv(rows, output / "frontier.csv", FRONTIER_COLUMNS)
+    lines = ["# Quality against upload bytes", "", preamble.strip(), ""] + _table(rows, FRONTIER_COLUMNS)
+    md_path = output / "frontier.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
 # ---------------------------------------------------------------------------------------- plots
 def _pyplot() -> Any:  # noqa: ANN401
     import matplotlib
@@ -205,10 +219,34 @@ def _pyplot() -> Any:  # noqa: ANN401
     return plt
 
 
-def plot_auroc_vs_upload(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
-    """Mean image AUROC against upload bytes per client per round, one point per method."""
+def plot_auroc_vs_upload(
+    rows: Sequence[Mapping[str, Any]], path: Path, frontier: Sequence[Mapping[str, Any]] = ()
+) -> Path:
+    """Mean image AUROC against upload bytes per client: the ``frontier`` curves when given
+    (total bytes of the run, one line per federated method), else one point per method (per round)."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
+    if frontier:
+        for method in dict.fromkeys(row["method"] for row in frontier):
+            mine = sorted((r for r in frontier if r["method"] == method), key=lambda r: r["total_upload_bytes"])
+            x = [r["total_upload_bytes"] for r in mine]
+            y = [r["image_auroc"] for r in mine]
+            axis.plot(x, y, marker="o", label=method)
+            for row in mine:
+                axis.annotate(row["setting"], (row["total_upload_bytes"], row["image_auroc"]),
+                              textcoords="offset points", xytext=(4, 4), fontsize=7)  # fmt: skip
+        central = method_means(rows).get("patchcore_central", {}).get("image_auroc")
+        if central is not None:
+            axis.axhline(central, linestyle="--", color="grey", label="patchcore_central (no upload)")
+        axis.set_xscale("log")
+        axis.set(xlabel="total upload bytes per client (whole run)", ylabel="mean image AUROC",
+                 title="Quality against communication")  # fmt: skip
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower right")
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        return path
     for method, values in method_means(rows).items():
         x, y = values["upload_bytes_per_round"] or 0.0, values["image_auroc"]
         if y is None:

@@ -3,7 +3,8 @@
 :func:`run_benchmark` runs the methods of :mod:`.methods` on the same datasets, partition,
 backbone, layers and image size, times every model on the same images (:mod:`.timing`) and writes
 ``results.csv``, ``results.md``, ``auroc_vs_upload.png`` and ``heatmaps_<dataset>.png``
-(:mod:`.report`); with ``ablations`` it also runs :func:`run_ablations`.
+(:mod:`.report`); with ``ablations`` it also runs :func:`run_ablations`, and with ``frontier``
+:func:`run_frontier` (AUROC against total upload bytes at several budgets of each federated method).
 
 Example:
     >>> from anomalib_feddymem.benchmark import load_benchmark_config, run_benchmark
@@ -41,7 +42,7 @@ from .timing import compile_openvino, openvino_ms_per_image, timing_images, torc
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BenchmarkResult", "resolve_datasets", "run_ablations", "run_benchmark"]
+__all__ = ["BenchmarkResult", "resolve_datasets", "run_ablations", "run_benchmark", "run_frontier"]
 
 
 @dataclass
@@ -57,6 +58,7 @@ class BenchmarkResult:
     local_patchcores: dict[int, Any] = field(default_factory=dict)
     upload_ratios: dict[int, float] = field(default_factory=dict)
     ablation_rows: list[dict[str, Any]] = field(default_factory=list)
+    frontier_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 def resolve_datasets(config: BenchmarkConfig) -> BenchmarkConfig | None:
@@ -163,7 +165,9 @@ _openvino: the same for the FedDyMem model exported with anomalib's `to_openvino
 """
 
 
-def run_benchmark(config: BenchmarkConfig, *, ablations: bool = False, command: str | None = None) -> BenchmarkResult | None:
+def run_benchmark(
+    config: BenchmarkConfig, *, ablations: bool = False, frontier: bool = False, command: str | None = None
+) -> BenchmarkResult | None:
     """Run every configured method, write the results and plots; ``None`` when no data was found."""
     resolved = resolve_datasets(config)
     if resolved is None:
@@ -218,7 +222,9 @@ def run_benchmark(config: BenchmarkConfig, *, ablations: bool = False, command: 
     report.write_csv(result.rows, output / "results.csv")
     report.write_markdown(result.rows, output / "results.md", title="FedDyMem against Patchcore",
                           preamble=_preamble(config, command), upload_ratios=result.upload_ratios)
-    report.plot_auroc_vs_upload(result.rows, output / "auroc_vs_upload.png")
+    if frontier:
+        result.frontier_rows = run_frontier(config, tests, client_modules, partitions, result)
+    report.plot_auroc_vs_upload(result.rows, output / "auroc_vs_upload.png", result.frontier_rows)
     if config.heatmap_images:
         _heatmaps(config, runs, tests)
     if ablations:
@@ -226,8 +232,70 @@ def run_benchmark(config: BenchmarkConfig, *, ablations: bool = False, command: 
     return result
 
 
+def _frontier_row(method: str, setting: str, run: MethodRun, rounds: int) -> dict[str, Any]:
+    per_round = run.upload_bytes_per_round
+    return {
+        "method": method,
+        "setting": setting,
+        "image_auroc": report.mean_defined([s.result.image_auroc for s in run.scores.values()]),
+        "pixel_auroc": report.mean_defined([s.result.pixel_auroc for s in run.scores.values()]),
+        "upload_bytes_per_round": per_round,
+        "rounds": rounds,
+        "total_upload_bytes": per_round * rounds,
+    }
+
+
+def run_frontier(
+    config: BenchmarkConfig,
+    tests: dict[str, Any],
+    client_modules: list[Any],
+    partitions: list[Any],
+    done: BenchmarkResult,
+) -> list[dict[str, Any]]:
+    """Quality against bytes: FedDyMem at every ``frontier.reduce_ratios``, naive Patchcore at every
+    ``frontier.coreset_ratios``; ``frontier.{csv,md}``.
+
+    Total upload bytes are per client over the whole run (mean over clients): FedDyMem uploads
+    every round, naive federated Patchcore uploads its coreset once. Settings the main benchmark
+    already ran are reused.
+    """
+    from anomalib_feddymem.federation.runner import model_option
+
+    rows = []
+    default_ratio = float(model_option(config, "reduce_ratio"))
+    for ratio in config.frontier["reduce_ratios"]:
+        run = done.runs.get("feddymem_federated") if float(ratio) == default_ratio else None
+        if run is None:
+            logger.info("Frontier: FedDyMem at reduce_ratio %s.", ratio)
+            run, _ = run_feddymem_federated(
+                config, tests, name=f"frontier_reduce_{ratio}", model={**config.model, "reduce_ratio": float(ratio)}
+            )
+        rows.append(_frontier_row("feddymem_federated", f"reduce_ratio={ratio}", run, config.rounds))
+    default_coreset = float(config.patchcore.get("coreset_sampling_ratio", 0.1))
+    for ratio in config.frontier["coreset_ratios"]:
+        run = done.runs.get("patchcore_federated") if float(ratio) == default_coreset else None
+        if run is None:
+            logger.info("Frontier: naive federated Patchcore at coreset ratio %s.", ratio)
+            swept = config.replace(
+                patchcore={**config.patchcore, "coreset_sampling_ratio": float(ratio)},
+                output=str(config.output_dir / "runs" / f"frontier_coreset_{ratio}"),
+            )
+            local, models = run_patchcore_local(swept, client_modules, partitions, tests)
+            run, _ = run_patchcore_federated(swept, models, next(iter(local.fit_s.values())), tests)
+        rows.append(_frontier_row("patchcore_federated", f"coreset_ratio={ratio}", run, 1))
+    preamble = (
+        f"Mean image / pixel AUROC over {', '.join(tests)} ({config.clients} clients, {config.partition} alpha "
+        f"{config.alpha}, {config.image_size} px, seed {config.seed}) against the bytes one client uploads over the "
+        f"whole run (mean over clients): FedDyMem sends its reduced memory in each of its {config.rounds} rounds, "
+        "naive federated Patchcore its coreset once."
+    )
+    report.write_frontier(rows, config.output_dir, preamble)
+    return rows
+
+
 def _ablation_changes(config: BenchmarkConfig) -> list[tuple[str, str, dict[str, Any]]]:
     """``(ablation, value, federation changes)`` for every configured variant."""
+    from anomalib_feddymem.federation.runner import model_option
 
     def model(**options: Any) -> dict[str, Any]:  # noqa: ANN401
         return {"model": {**config.model, **options}}
@@ -236,14 +304,24 @@ def _ablation_changes(config: BenchmarkConfig) -> list[tuple[str, str, dict[str,
     for name in config.ablation["variants"]:
         if name == "no_generator":
             variants.append((name, "use_generator=False", model(use_generator=False)))
-        elif name == "no_metric_loss":
-            variants.append((name, "use_metric_loss=False", model(use_metric_loss=False)))
+        elif name == "metric_loss":  # the other setting than the run's (the loss is off by default)
+            flipped = not bool(model_option(config, "use_metric_loss"))
+            variants.append((name, f"use_metric_loss={flipped}", model(use_metric_loss=flipped)))
+        elif name == "no_growth":
+            variants.append((name, "grow_global_memory=False", model(grow_global_memory=False)))
+        elif name == "abstract_kmeans":
+            options = {"reduce_method": "kmeans", "aggregation": "kmeans", "grow_global_memory": False}
+            variants.append((name, "k-means reduce and server, no growth", model(**options)))
         elif name == "no_dynamic_update":
             variants.append((name, "memory_momentum=0", model(memory_momentum=0.0)))
         elif name == "reduce_ratio":
             variants += [(name, str(v), model(reduce_ratio=v)) for v in config.ablation["reduce_ratios"]]
         elif name == "global_memory_size":
             variants += [(name, str(v), model(global_memory_size=v)) for v in config.ablation["global_memory_sizes"]]
+        elif name == "embedding_dim":
+            variants += [(name, str(v), model(embedding_dim=v)) for v in config.ablation["embedding_dims"]]
+        elif name == "upload_precision":
+            variants += [(name, str(v), model(upload_precision=v)) for v in config.ablation["upload_precisions"]]
         elif name == "alpha":
             variants += [(name, str(v), {"alpha": float(v)}) for v in config.ablation["alphas"]]
     return variants

@@ -210,7 +210,8 @@ def handle_train(client: FedDyMemClient, content: RecordDict) -> RecordDict:
     start = time.perf_counter()
     items, weights = client.fit(round_number)
     metrics = MetricRecord({"num-train": client.num_train, "fit-seconds": time.perf_counter() - start})
-    return RecordDict({"upload": encode_memory(items, weights), "metrics": metrics})
+    upload = encode_memory(items, weights, client.model.upload_precision)
+    return RecordDict({"upload": upload, "metrics": metrics})
 
 
 def handle_evaluate(client: FedDyMemClient, content: RecordDict) -> RecordDict:

@@ -16,7 +16,10 @@ import yaml
 
 from .partition import SCHEMES
 
-__all__ = ["RUN_CONFIG_KEYS", "FederationConfig", "from_run_config", "load_config"]
+__all__ = ["EVALUATION_MODES", "RUN_CONFIG_KEYS", "FederationConfig", "from_run_config", "load_config"]
+
+#: When clients evaluate (``FederationConfig.evaluation``).
+EVALUATION_MODES = ("every_round", "last_round", "none")
 
 
 @dataclass
@@ -40,6 +43,8 @@ class FederationConfig:
         max_upload_items: Server-side cap on the items of one upload.
         keep_checkpoints: Round checkpoints kept on disk (the latest ones).
         export_openvino: Export every client's final model to OpenVINO IR.
+        evaluation: When clients score their own test images: ``every_round``, ``last_round`` or
+            ``none`` (a round without evaluation sends ``G`` with the next ``train`` instruction).
         progress: Lightning progress bars for local epochs.
         accelerator: Lightning accelerator of local training.
         synthetic: Size of the generated dataset (``train_per_product``, ``test_good_per_product``,
@@ -62,6 +67,7 @@ class FederationConfig:
     max_upload_items: int = 65536
     keep_checkpoints: int = 2
     export_openvino: bool = False
+    evaluation: str = "every_round"
     progress: bool = True
     accelerator: str = "auto"
     synthetic: dict[str, int] = field(default_factory=lambda: {"train_per_product": 12})
@@ -91,6 +97,9 @@ class FederationConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 msg = f"{name} must be an integer >= 1, got {value!r}."
                 raise ValueError(msg)
+        if self.evaluation not in EVALUATION_MODES:
+            msg = f"evaluation must be one of {list(EVALUATION_MODES)}, got {self.evaluation!r}."
+            raise ValueError(msg)
         if self.min_clients > self.clients:
             msg = f"min_clients ({self.min_clients}) cannot exceed clients ({self.clients})."
             raise ValueError(msg)
@@ -115,7 +124,8 @@ class FederationConfig:
 
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the original (not output or display ones)."""
-        ignored = {"output", "progress", "accelerator", "export_openvino", "keep_checkpoints", "rounds"}
+        ignored = {"output", "progress", "accelerator", "export_openvino", "keep_checkpoints", "rounds",
+                   "evaluation"}
         return {key: value for key, value in self.to_dict().items() if key not in ignored}
 
     def replace(self, **changes: Any) -> FederationConfig:  # noqa: ANN401

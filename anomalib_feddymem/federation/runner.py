@@ -12,7 +12,8 @@ A round ``r``:
 2. the server step over the uploads that came back (byte-counted as upload); failed clients and
    rejected uploads are logged and the round continues if ``min_clients`` uploads are valid;
 3. ``evaluate`` to every client with ``G_r`` (download): each installs it and reports
-   rank-based image/pixel AUROC on its own test images;
+   rank-based image/pixel AUROC on its own test images (``evaluation``: after every round, only
+   after the last, or never);
 4. ``metrics.csv``, ``metrics.png`` and a checkpoint are written.
 """
 
@@ -37,7 +38,7 @@ from .server import FederationError, server_step
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClientFailure", "FederationResult", "Transport", "model_option", "run_federation"]
+__all__ = ["ClientFailure", "FederationResult", "Transport", "expected_embedding_dim", "model_option", "run_federation"]
 
 
 @dataclass
@@ -90,6 +91,16 @@ def model_option(config: FederationConfig, name: str) -> Any:  # noqa: ANN401
     return inspect.signature(FedDyMem.__init__).parameters[name].default
 
 
+def expected_embedding_dim(config: FederationConfig) -> int:
+    """``d`` of the clients' items: the ``embedding_dim`` option, or the backbone's feature dimension."""
+    embedding_dim = model_option(config, "embedding_dim")
+    if embedding_dim is not None:
+        return int(embedding_dim)
+    from anomalib_feddymem.models.feddymem.torch_model import feature_dimension
+
+    return feature_dimension(str(model_option(config, "backbone")), list(model_option(config, "layers")))
+
+
 def _failure_text(failures: Mapping[int, str]) -> str:
     return "; ".join(f"client {cid}: {reason}" for cid, reason in sorted(failures.items())) or "none"
 
@@ -133,7 +144,8 @@ def run_federation(
     checkpointer = Checkpointer(output, keep=config.keep_checkpoints)
     state = _start_state(config, transport, checkpointer, resume)
     size = int(model_option(config, "global_memory_size"))
-    embedding_dim = int(model_option(config, "embedding_dim"))
+    embedding_dim = expected_embedding_dim(config)
+    precision = str(model_option(config, "upload_precision"))
     for round_number in range(state.round + 1, config.rounds + 1):
         console.rule(f"[bold]Round {round_number}/{config.rounds}")
         previous = state.global_memory
@@ -150,18 +162,22 @@ def run_federation(
             instructions[cid] = content
         replies = transport.train(round_number, instructions)
 
-        uploads, upload_bytes, failures, fit_info = {}, {}, {}, {}
+        uploads, upload_bytes, failures, fit_info, refused = {}, {}, {}, {}, {}
         for cid in transport.client_ids:
             reply = replies.get(cid, ClientFailure("no reply"))
             if isinstance(reply, ClientFailure):
                 failures[cid] = reply.reason
                 continue
-            try:
-                uploads[cid] = decode_memory(reply["upload"])
-            except (KeyError, ValueError, TypeError) as error:
-                failures[cid] = f"malformed reply: {error}"
+            if "upload" not in reply:
+                failures[cid] = f"malformed reply: no 'upload' record (keys: {list(reply.keys())})"
                 continue
             upload_bytes[cid] = record_nbytes(reply["upload"])
+            try:
+                uploads[cid] = decode_memory(reply["upload"], precision)
+            except (KeyError, ValueError, TypeError) as error:
+                refused[cid] = str(error)
+                logger.warning("Rejected the upload of client %s: %s.", cid, error)
+                continue
             fit_info[cid] = dict(reply["metrics"]) if "metrics" in reply else {}
         if failures:
             logger.warning("Round %d: %d client(s) failed: %s.", round_number, len(failures), _failure_text(failures))
@@ -185,27 +201,35 @@ def run_federation(
                 seed=config.seed,
                 previous=previous,
                 min_clients=config.min_clients,
+                method=str(model_option(config, "aggregation")),
+                grow=bool(model_option(config, "grow_global_memory")),
+                previous_weights=state.global_weights,
             )
         except FederationError as error:
             msg = f"Round {round_number}: {error} Failed: {_failure_text(failures)}. Stopping; {where}."
             raise FederationError(msg) from error
+        result.rejected.update(refused)
         if result.rejected:
             logger.warning("Round %d: rejected upload(s): %s.", round_number, _failure_text(result.rejected))
 
         new_record = encode_memory(result.global_memory)
         eval_instructions = {}
-        for cid in transport.client_ids:
-            eval_instructions[cid] = RecordDict({
-                "config": ConfigRecord({"round": round_number, "memory-round": round_number}),
-                "global-memory": new_record,
-            })
-            download[cid] += record_nbytes(new_record)
-        eval_replies = transport.evaluate(round_number, eval_instructions)
+        last = round_number == config.rounds
+        if config.evaluation == "every_round" or (config.evaluation == "last_round" and last):
+            for cid in transport.client_ids:
+                eval_instructions[cid] = RecordDict({
+                    "config": ConfigRecord({"round": round_number, "memory-round": round_number}),
+                    "global-memory": new_record,
+                })
+                download[cid] += record_nbytes(new_record)
+        eval_replies = transport.evaluate(round_number, eval_instructions) if eval_instructions else {}
         eval_failures = {}
         for cid in transport.client_ids:
             reply = eval_replies.get(cid, ClientFailure("no reply"))
             metrics: dict[str, Any] = {}
-            if isinstance(reply, ClientFailure):
+            if not eval_instructions:
+                pass  # not evaluated this round: the client gets G_r with the next train instruction
+            elif isinstance(reply, ClientFailure):
                 eval_failures[cid] = reply.reason
             else:
                 metrics = dict(reply["metrics"])

@@ -2,8 +2,8 @@
 
 Shared by every runner (in-process simulation, Flower ServerApp). A bad upload is rejected with
 a reason and the round goes on with the others; the aggregation itself is
-:func:`~anomalib_feddymem.models.feddymem.memory.aggregate_memories` (seeded weighted k-means,
-warm-started from the previous global memory).
+:func:`~anomalib_feddymem.models.feddymem.memory.aggregate_memories` (the union of the uploads,
+grouped by greedy k-center or seeded weighted k-means when it exceeds the global memory's size).
 """
 
 from __future__ import annotations
@@ -90,6 +90,9 @@ def server_step(
     seed: int = 0,
     previous: torch.Tensor | None = None,
     min_clients: int = 1,
+    method: str = "kcenter",
+    grow: bool = False,
+    previous_weights: torch.Tensor | None = None,
 ) -> ServerResult:
     """Validate every client's upload and aggregate the accepted ones into the new ``G``.
 
@@ -101,6 +104,9 @@ def server_step(
         seed: k-means seed.
         previous: Previous global memory (warm start).
         min_clients: Fewest accepted uploads for the round to count.
+        method: Grouping of a union larger than ``size`` (``"kcenter"`` or ``"kmeans"``).
+        grow: Keep the previous global memory (with ``previous_weights``) in the union.
+        previous_weights: Weights of ``previous``.
 
     Raises:
         FederationError: fewer than ``min_clients`` uploads were accepted.
@@ -122,5 +128,13 @@ def server_step(
             f"rejected: {rejected or 'none'}."
         )
         raise FederationError(msg)
-    memory, weights = aggregate_memories(list(accepted.values()), size, seed=seed, previous=previous)
+    memory, weights = aggregate_memories(
+        list(accepted.values()),
+        size,
+        seed=seed,
+        previous=previous,
+        previous_weights=previous_weights,
+        method=method,
+        grow=grow,
+    )
     return ServerResult(global_memory=memory, weights=weights, accepted=list(accepted), rejected=rejected)

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -38,7 +39,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 from anomalib_feddymem.registration import attach_model
 
 from .loss import MemoryMetricLoss
-from .memory import MEMORY_INIT_METHODS, DynamicMemory, aggregate_memories, memory_reduce, nearest_k_items
+from .memory import GROUPING_METHODS, MEMORY_INIT_METHODS, UPLOAD_PRECISIONS, DynamicMemory, aggregate_memories, memory_reduce, nearest_k_items
 from .torch_model import FedDyMemModel
 
 logger = logging.getLogger(__name__)
@@ -54,25 +55,39 @@ class FedDyMem(AnomalibModule):
         backbone: timm backbone; ``tf_efficientnet_lite0`` has offline ImageNet weights.
         layers: Backbone feature layers (two mid-level stages, as PatchCore).
         pre_trained: Load ImageNet weights.
-        embedding_dim: ``d``, output dimension of the memory generator.
+        embedding_dim: ``d``, output dimension of the memory generator; ``None`` (default) keeps
+            the backbone features' dimension, so that the generator starts as a rotation that
+            preserves PatchCore's distances. A smaller ``d`` sends fewer bytes per item.
         use_generator: Train the memory generator ``g``; ``False`` (ablation) keeps it the initial
             fixed projection of the backbone features.
-        memory_size: ``K_c``, items of the client's local memory bank (capped by the client's
-            patches). Coverage of rare normal patches decides the AUROC: on magnetic_tile (256 px)
-            4096 items gave image / pixel AUROC 0.955 / 0.810 and 32768 gave 0.973 / 0.838, Patchcore's
-            level (``examples/compare_patchcore.py``). Training and scoring time grow with it; the
-            federation configs use smaller banks to keep uploads small.
+        memory_ratio: ``K_c`` as a fraction of the client's training patches, as Patchcore's
+            coreset ratio: the bank (and the upload) follows the client's data, so a small site
+            sends little and a large one keeps its rare normal patches.
+        memory_size: Most items of the local memory bank, whatever ``memory_ratio`` asks.
         memory_init: How the local bank is initialised from the client's embeddings:
             ``"coreset"`` (k-center greedy, keeps rare normal patches) or ``"kmeans"``.
-        global_memory_size: Items of the global memory ``G`` (capped by what is uploaded).
+        global_memory_size: Most items of the global memory ``G``: a union of uploads that fits is
+            kept whole, a larger one is grouped by ``aggregation``.
         reduce_ratio: Memory-reduce ratio before upload (``K_c / ratio`` items are sent).
+        reduce_method: How memory-reduce groups items before averaging them: ``"kcenter"``
+            (greedy k-center groups: near-duplicates merge, rare patches stay) or ``"kmeans"``.
+        aggregation: How the server groups a union larger than ``global_memory_size``:
+            ``"kcenter"`` or ``"kmeans"`` (weighted k-means, warm-started from the previous ``G``).
+        upload_precision: Wire precision of uploaded items: ``"float32"``, ``"float16"`` or
+            ``"int8"`` (per-dimension affine code, 4x fewer bytes than float32).
+        grow_global_memory: Once a client holds ``G``, its memory-reduce (``kcenter``) uploads only
+            the groups of its bank that ``G`` covers worst, and the server adds them to ``G``: the
+            global memory grows round by round instead of being rebuilt from the same uploads.
         memory_momentum: EMA momentum of the dynamic memory update: 1 (measured best) moves every hit
             item to the mean of its embeddings under the current generator; 0 disables the update.
         num_nearest: ``K`` of the metric loss (attraction).
         num_hard_negatives: ``J`` of the metric loss (repulsion).
         radius: ``r`` of the metric loss.
         margin: ``alpha`` of the metric loss.
-        use_metric_loss: ``False`` (ablation) trains nothing: memory only.
+        use_metric_loss: Train the memory generator with the metric loss. Off by default: on the
+            dev data it gained nothing in one round and cost AUROC over several (it pulls normal
+            embeddings onto the few items of ``G``); with it off the generator stays its initial
+            rotation of the backbone features and nothing is trained.
         num_neighbors: Items of ``G`` each test patch is scored against (1 = nearest distance).
         local_epochs: ``E``, epochs of local training (the trainer's ``max_epochs``).
         learning_rate: AdamW learning rate of the memory generator.
@@ -86,18 +101,23 @@ class FedDyMem(AnomalibModule):
         backbone: str = "tf_efficientnet_lite0",
         layers: Sequence[str] = ("blocks.2", "blocks.4"),
         pre_trained: bool = True,
-        embedding_dim: int = 128,
+        embedding_dim: int | None = None,
         use_generator: bool = True,
-        memory_size: int = 32768,
+        memory_ratio: float = 0.1,
+        memory_size: int = 65536,
         memory_init: Literal["coreset", "kmeans"] = "coreset",
-        global_memory_size: int = 32768,
-        reduce_ratio: float = 1.0,
+        global_memory_size: int = 65536,
+        reduce_ratio: float = 8.0,
+        reduce_method: Literal["kcenter", "kmeans"] = "kcenter",
+        aggregation: Literal["kcenter", "kmeans"] = "kcenter",
+        upload_precision: Literal["float32", "float16", "int8"] = "int8",
+        grow_global_memory: bool = True,
         memory_momentum: float = 1.0,
         num_nearest: int = 3,
         num_hard_negatives: int = 3,
         radius: float = 1e-5,
         margin: float = 0.1,
-        use_metric_loss: bool = True,
+        use_metric_loss: bool = False,
         num_neighbors: int = 1,
         local_epochs: int = 1,
         learning_rate: float = 1e-3,
@@ -109,6 +129,10 @@ class FedDyMem(AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         _validate_options(
+            memory_ratio=memory_ratio,
+            reduce_method=reduce_method,
+            aggregation=aggregation,
+            upload_precision=upload_precision,
             memory_size=memory_size,
             memory_init=memory_init,
             global_memory_size=global_memory_size,
@@ -139,10 +163,15 @@ class FedDyMem(AnomalibModule):
             radius=radius,
             margin=margin,
         )
+        self.memory_ratio = memory_ratio
         self.memory_size = memory_size
         self.memory_init = memory_init
         self.global_memory_size = global_memory_size
         self.reduce_ratio = reduce_ratio
+        self.reduce_method = reduce_method
+        self.aggregation = aggregation
+        self.upload_precision = upload_precision
+        self.grow_global_memory = grow_global_memory
         self.use_generator = use_generator
         self.use_metric_loss = use_metric_loss
         self.local_epochs = local_epochs
@@ -201,16 +230,23 @@ class FedDyMem(AnomalibModule):
         self.has_global_memory.fill_(True)
 
     def memory_upload(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Memory-reduced local bank ``(items, weights)``: all that leaves a client."""
+        """Memory-reduced local bank ``(items, weights)``: all that leaves a client.
+
+        With ``grow_global_memory`` and a global memory received, only what ``G`` lacks.
+        """
         if self.local_memory.is_empty:
             msg = "The local memory is empty: train the client before uploading."
             raise RuntimeError(msg)
-        return memory_reduce(self.local_memory.items.cpu(), self.local_memory.counts.cpu(), self.reduce_ratio, seed=self.seed)
+        items, counts = self.local_memory.items.cpu(), self.local_memory.counts.cpu()
+        covered = self.model.memory.cpu() if self.grow_global_memory and bool(self.has_global_memory) else None
+        return memory_reduce(items, counts, self.reduce_ratio, seed=self.seed, method=self.reduce_method, covered=covered)
 
     def refresh_scoring_memory(self) -> None:
         """Centralised mode: ``G`` = aggregation of this single client's upload."""
         previous = self.model.memory.cpu() if self.model.memory.numel() else None
-        memory, _ = aggregate_memories([self.memory_upload()], self.global_memory_size, seed=self.seed, previous=previous)
+        memory, _ = aggregate_memories(
+            [self.memory_upload()], self.global_memory_size, seed=self.seed, previous=previous, method=self.aggregation
+        )
         self.model.set_memory(memory)
 
     # ----------------------------------------------------------------- training
@@ -232,7 +268,8 @@ class FedDyMem(AnomalibModule):
         """Initialise the local memory from the client's own embeddings (``memory_init``), once."""
         if self.local_memory.is_empty:
             embeddings = self._embeddings_of(self.trainer.train_dataloader)
-            self.local_memory.initialize(embeddings, self.memory_size, seed=self.seed, method=self.memory_init)
+            size = min(self.memory_size, max(1, math.ceil(self.memory_ratio * embeddings.shape[0])))
+            self.local_memory.initialize(embeddings, size, seed=self.seed, method=self.memory_init)
             self.local_memory.to(self.device)
             logger.info("Initialised local memory: %d items from %d patches.", len(self.local_memory.items), len(embeddings))
         if not bool(self.has_global_memory):
@@ -293,6 +330,16 @@ class FedDyMem(AnomalibModule):
 
 def _validate_options(**options: Any) -> None:  # noqa: ANN401
     """Reject impossible options before anything is built, naming the option."""
+    if not 0 < options["memory_ratio"] <= 1:
+        msg = f"memory_ratio must be in (0, 1] (a fraction of the client's patches), got {options['memory_ratio']}."
+        raise ValueError(msg)
+    for name in ("reduce_method", "aggregation"):
+        if options[name] not in GROUPING_METHODS:
+            msg = f"{name} must be one of {list(GROUPING_METHODS)}, got {options[name]!r}."
+            raise ValueError(msg)
+    if options["upload_precision"] not in UPLOAD_PRECISIONS:
+        msg = f"upload_precision must be one of {list(UPLOAD_PRECISIONS)}, got {options['upload_precision']!r}."
+        raise ValueError(msg)
     if options["memory_size"] < 1:
         msg = f"memory_size must be >= 1, got {options['memory_size']}."
         raise ValueError(msg)

@@ -3,7 +3,10 @@
 * :class:`DynamicMemory` is a client's local memory bank ``M_c`` with a count per item, updated
   after every local epoch by an exponential moving average of the embeddings assigned to it.
 * :func:`memory_reduce` shrinks a bank by weighted averaging before upload.
-* :func:`weighted_kmeans` is both the grouping step of memory-reduce and the server's aggregation.
+* :func:`aggregate_memories` is the server's step: the union of the uploads, grouped when it
+  exceeds the global memory's size.
+* :func:`group_items` is the grouping of both: greedy k-center groups (:func:`kcenter_grouping`,
+  which keeps rare normal patches) or weighted k-means (:func:`weighted_kmeans`, the abstract's).
 
 All functions are plain tensor code (no Lightning), so the federation calls them directly.
 """
@@ -12,15 +15,17 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from anomalib.models.components import DynamicBufferMixin
-from sklearn.cluster import KMeans
 from torch import nn
 
 from anomalib_feddymem.sampling import k_center_greedy
 
 MEMORY_INIT_METHODS = ("coreset", "kmeans")
+#: Wire precisions of uploaded items (see :mod:`anomalib_feddymem.federation.messages`).
+UPLOAD_PRECISIONS = ("float32", "float16", "int8")
+#: How memory-reduce and the server group items into weighted averages.
+GROUPING_METHODS = ("kcenter", "kmeans")
 
 
 def squared_distances(queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -54,29 +59,169 @@ def nearest_k_items(queries: torch.Tensor, items: torch.Tensor, k: int, chunk_si
     k = min(k, items.shape[0])
     queries, items = queries.detach(), items.detach()
     if k == 1:
-        return torch.cat([squared_distances(c, items).argmin(dim=1, keepdim=True) for c in torch.split(queries, chunk_size)])
+        return nearest_items(queries, items, chunk_size)[:, None]
     return torch.cat([
         squared_distances(c, items).topk(k, dim=1, largest=False).indices for c in torch.split(queries, chunk_size)
     ])
 
 
-def nearest_items(queries: torch.Tensor, items: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-    """Index of the nearest item for every query, computed in chunks to bound memory."""
-    return nearest_k_items(queries, items, 1, chunk_size)[:, 0]
+@torch.no_grad()
+def nearest_items(
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """Index of the nearest item for every query, in chunks that reuse one distance buffer.
+
+    The argmin of ``|q - m|^2`` is that of ``|m|^2 - 2 q.m`` (``|q|^2`` is the same for every
+    item), so each chunk costs one fused ``addmm`` into a preallocated ``(chunk, M)`` buffer:
+    no per-chunk allocation of distance matrices. Both sides are centred on the items' mean
+    first, as in :func:`squared_distances`.
+
+    Args:
+        queries: ``(N, d)`` points.
+        items: ``(M, d)`` candidates.
+        chunk_size: Queries per chunk (bounds the buffer to ``chunk_size x M`` floats).
+
+    Returns:
+        ``(N,)`` int64 indices.
+    """
+    center = items.mean(dim=0, keepdim=True)
+    items = (items - center).float()
+    item_norms = items.pow(2).sum(-1)
+    out = torch.empty(queries.shape[0], dtype=torch.long)
+    buffer = torch.empty(min(chunk_size, queries.shape[0]), items.shape[0])
+    for start in range(0, queries.shape[0], chunk_size):
+        chunk = queries[start : start + chunk_size].float() - center
+        scores = torch.addmm(item_norms, chunk, items.T, alpha=-2, out=buffer[: chunk.shape[0]])
+        out[start : start + chunk.shape[0]] = scores.argmin(dim=1)
+    return out
 
 
 def _group_means(
-    points: np.ndarray,
-    weights: np.ndarray,
-    labels: np.ndarray,
+    points: torch.Tensor,
+    weights: torch.Tensor,
+    labels: torch.Tensor,
     k: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted mean and total weight of every group (empty groups are dropped)."""
-    totals = np.bincount(labels, weights=weights, minlength=k)
-    sums = np.zeros((k, points.shape[1]), dtype=np.float64)
-    np.add.at(sums, labels, points * weights[:, None])
+    chunk_size: int = 65536,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean and total weight of every group (float64 sums); empty groups are dropped.
+
+    Summed in chunks so that the float64 copy of the weighted points never exceeds one chunk.
+    """
+    weights = weights.double()
+    totals = torch.bincount(labels, weights=weights, minlength=k)
+    sums = torch.zeros(k, points.shape[1], dtype=torch.float64)
+    for start in range(0, points.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        sums.index_add_(0, labels[rows], points[rows].double() * weights[rows, None])
     keep = totals > 0
-    return (sums[keep] / totals[keep, None]), totals[keep]
+    return (sums[keep] / totals[keep, None]).float(), totals[keep].float()
+
+
+def _checked_points(points: torch.Tensor, weights: torch.Tensor, k: int, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 points and weights with zero-weight rows dropped; a ``ValueError`` names bad input."""
+    if k < 1:
+        msg = f"k must be at least 1, got {k}."
+        raise ValueError(msg)
+    if points.ndim != 2 or weights.ndim != 1 or points.shape[0] != weights.shape[0]:
+        msg = f"points must be (N, d) and weights (N,), got {tuple(points.shape)} and {tuple(weights.shape)}."
+        raise ValueError(msg)
+    x, w = points.detach().cpu().float(), weights.detach().cpu().float()
+    if not (torch.isfinite(x).all() and torch.isfinite(w).all()) or (w < 0).any():
+        msg = f"{caller} needs finite points and finite, non-negative weights."
+        raise ValueError(msg)
+    keep = w > 0
+    if not keep.any():
+        msg = f"{caller} got no item with positive weight."
+        raise ValueError(msg)
+    if keep.all():  # the common case: no copy of a server-sized union
+        return x.contiguous(), w
+    return x[keep].contiguous(), w[keep]
+
+
+def _subsample(n: int, limit: int, generator: torch.Generator) -> torch.Tensor | None:
+    """Seeded indices of ``limit`` of ``n`` rows, or ``None`` when all ``n`` fit."""
+    return torch.randperm(n, generator=generator)[:limit].sort().values if n > limit else None
+
+
+def _kcenter_centres(x: torch.Tensor, k: int, generator: torch.Generator, max_points: int) -> torch.Tensor:
+    """``k`` rows of ``x`` chosen by greedy k-center on a seeded subsample of ``max_points``."""
+    pick = _subsample(x.shape[0], max(max_points, k), generator)
+    pool = x if pick is None else x[pick]
+    first = int(torch.randint(pool.shape[0], (1,), generator=generator))
+    return pool[k_center_greedy(pool, k, first)]
+
+
+def _farthest_first(x: torch.Tensor, min_sq: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy k-center from given squared distances to already chosen centres: up to ``k`` indices."""
+    centred = x - x.mean(dim=0, keepdim=True)
+    norms = centred.pow(2).sum(-1)
+    min_sq = min_sq.clone()
+    chosen = []
+    for _ in range(k):
+        index = int(min_sq.argmax())
+        if not min_sq[index] > 0:
+            break  # every point coincides with a centre
+        chosen.append(index)
+        row = centred[index]
+        min_sq = torch.minimum(min_sq, (norms - 2 * torch.mv(centred, row) + norms[index]).clamp_min_(0))
+        min_sq[index] = 0
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def kcenter_grouping(
+    points: torch.Tensor,
+    weights: torch.Tensor,
+    k: int,
+    *,
+    seed: int = 0,
+    max_points: int = 32768,
+    covered: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coverage-preserving grouping: k-center centres, every point to its nearest, weighted means.
+
+    Greedy k-center picks the point farthest from all chosen ones first, so a rare patch far
+    from the rest becomes a group of its own and survives the averaging, while near-duplicates
+    share a group and merge. Each group becomes ``sum(w_i m_i) / sum(w_i)`` with weight
+    ``sum(w_i)``: the weighted mean and the total weight of the input are preserved exactly.
+
+    With ``covered`` (items another memory already holds, e.g. the global memory ``G``), the
+    greedy starts from them: the ``k`` new centres go where ``covered`` represents the points
+    worst, points nearer to a ``covered`` item than to every new centre are left out, and only the
+    new groups are returned. This is how a client adds to ``G`` what it lacks instead of sending
+    again what it holds.
+
+    Args:
+        points: ``(N, d)`` items.
+        weights: ``(N,)`` non-negative weights (counts); zero-weight items are ignored.
+        k: Number of (new) groups; without ``covered``, at most ``k`` weighted items are returned as
+            they are.
+        seed: Seed of the first centre and of the subsample.
+        max_points: Without ``covered``, centres are chosen among a seeded subsample of this many
+            points (all points are still assigned and averaged).
+        covered: Optional ``(M, d)`` items already held elsewhere.
+
+    Returns:
+        ``(items, weights)``, float32, at most ``k`` rows.
+    """
+    x, w = _checked_points(points, weights, k, "kcenter_grouping")
+    if covered is not None and covered.numel() > 0:
+        held = covered.detach().cpu().float()
+        if held.ndim != 2 or held.shape[1] != x.shape[1]:
+            msg = f"covered must have shape (M, {x.shape[1]}), got {tuple(held.shape)}."
+            raise ValueError(msg)
+        nearest = nearest_items(x, held)
+        min_sq = (x - held[nearest]).pow(2).sum(-1)
+        centres = x[_farthest_first(x, min_sq, k)]
+        labels = nearest_items(x, torch.cat([held, centres])) - held.shape[0]
+        new = labels >= 0
+        return _group_means(x[new], w[new], labels[new], centres.shape[0])
+    if x.shape[0] <= k:
+        return x, w
+    generator = torch.Generator().manual_seed(seed)
+    centres = _kcenter_centres(x, k, generator, max_points)
+    return _group_means(x, w, nearest_items(x, centres), k)
 
 
 def weighted_kmeans(
@@ -86,51 +231,78 @@ def weighted_kmeans(
     *,
     seed: int = 0,
     init: torch.Tensor | None = None,
-    max_iter: int = 100,
+    max_iter: int = 10,
+    tol: float = 1e-4,
+    max_points: int = 32768,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted k-means whose centroids are exactly the weighted means of their groups.
+    """Weighted k-means (Lloyd) whose centroids are exactly the weighted means of their groups.
 
-    scikit-learn's ``KMeans`` does the clustering (seeded, ``sample_weight``, warm start from
-    ``init``); the centroids are then recomputed from the final labels so that every output item
-    is ``sum(w_i m_i) / sum(w_i)`` over its group and its weight is ``sum(w_i)``: the weighted
-    mean and the total weight of the input are preserved exactly.
+    Seeded by greedy k-center (one centre per far-apart mode) unless ``init`` (e.g. the previous
+    global memory) has the right shape. Lloyd iterations run on a seeded subsample of
+    ``max_points`` points, so a server's cost per iteration does not grow with the number of
+    clients; then every point is assigned once and each output item is ``sum(w_i m_i) /
+    sum(w_i)`` over its group with weight ``sum(w_i)``: the weighted mean and the total weight of
+    the input are preserved exactly.
 
     Args:
         points: ``(N, d)`` items.
         weights: ``(N,)`` non-negative weights (counts); zero-weight items are ignored.
         k: Number of clusters; if there are at most ``k`` weighted items they are returned as is.
-        seed: Random seed (k-means++ seeding when ``init`` is not usable).
+        seed: Random seed (k-center seeding, subsample).
         init: Optional ``(k, d)`` warm start, e.g. the previous global memory.
-        max_iter: Lloyd iterations.
+        max_iter: Most Lloyd iterations.
+        tol: Stop when centroids move less than ``tol`` times the points' mean squared spread.
+        max_points: Points the iterations (and the seeding) run on.
 
     Returns:
         ``(centroids, cluster_weights)``, float32, at most ``k`` rows (empty clusters dropped).
     """
-    if k < 1:
-        msg = f"k must be at least 1, got {k}."
-        raise ValueError(msg)
-    if points.ndim != 2 or weights.ndim != 1 or points.shape[0] != weights.shape[0]:
-        msg = f"points must be (N, d) and weights (N,), got {tuple(points.shape)} and {tuple(weights.shape)}."
-        raise ValueError(msg)
-    x = points.detach().cpu().double().numpy()
-    w = weights.detach().cpu().double().numpy()
-    if not (np.isfinite(x).all() and np.isfinite(w).all()) or (w < 0).any():
-        msg = "weighted_kmeans needs finite points and finite, non-negative weights."
-        raise ValueError(msg)
-    keep = w > 0
-    x, w = x[keep], w[keep]
-    if x.shape[0] == 0:
-        msg = "weighted_kmeans got no item with positive weight."
-        raise ValueError(msg)
+    x, w = _checked_points(points, weights, k, "weighted_kmeans")
     if x.shape[0] <= k:
-        return torch.from_numpy(x).float(), torch.from_numpy(w).float()
-    start: str | np.ndarray = "k-means++"
-    if init is not None and init.shape == (k, x.shape[1]):
-        start = init.detach().cpu().double().numpy()
-    kmeans = KMeans(n_clusters=k, init=start, n_init=1, max_iter=max_iter, random_state=seed, tol=1e-6)
-    labels = kmeans.fit_predict(x, sample_weight=w)
-    centroids, totals = _group_means(x, w, labels, k)
-    return torch.from_numpy(centroids).float(), torch.from_numpy(totals).float()
+        return x, w
+    generator = torch.Generator().manual_seed(seed)
+    if init is not None and tuple(init.shape) == (k, x.shape[1]):
+        centres = init.detach().cpu().float().clone()
+    else:
+        centres = _kcenter_centres(x, k, generator, max_points)
+    pick = _subsample(x.shape[0], max_points, generator)
+    fit_x, fit_w = (x, w) if pick is None else (x[pick], w[pick])
+    spread = float((fit_x - fit_x.mean(0)).pow(2).sum(1).mean()) or 1.0
+    for _ in range(max_iter):
+        labels = nearest_items(fit_x, centres)
+        totals = torch.bincount(labels, weights=fit_w, minlength=k)
+        sums = torch.zeros_like(centres).index_add_(0, labels, fit_x * fit_w[:, None])
+        hit = totals > 0
+        moved = centres.clone()
+        moved[hit] = sums[hit] / totals[hit, None]
+        shift = float((moved - centres).pow(2).sum(1).mean())
+        centres = moved
+        if shift <= tol * spread:
+            break
+    return _group_means(x, w, nearest_items(x, centres), k)
+
+
+def group_items(
+    points: torch.Tensor,
+    weights: torch.Tensor,
+    k: int,
+    method: str,
+    *,
+    seed: int = 0,
+    init: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group weighted items into at most ``k`` weighted averages with ``method`` (:data:`GROUPING_METHODS`).
+
+    ``"kcenter"`` (:func:`kcenter_grouping`) keeps rare items as groups of their own;
+    ``"kmeans"`` (:func:`weighted_kmeans`, warm-started from ``init``) minimises the weighted
+    squared error and so averages rare items into their neighbours.
+    """
+    if method not in GROUPING_METHODS:
+        msg = f"grouping method must be one of {list(GROUPING_METHODS)}, got {method!r}."
+        raise ValueError(msg)
+    if method == "kcenter":
+        return kcenter_grouping(points, weights, k, seed=seed)
+    return weighted_kmeans(points, weights, k, seed=seed, init=init)
 
 
 def memory_reduce(
@@ -139,11 +311,15 @@ def memory_reduce(
     ratio: float,
     *,
     seed: int = 0,
+    method: str = "kcenter",
+    covered: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrink a memory bank by ``ratio`` by weighted averaging (FedDyMem's memory-reduce).
 
-    Items are grouped by weighted k-means with ``ceil(K / ratio)`` groups; each group becomes one
-    item ``sum(w_i m_i) / sum(w_i)`` with weight ``sum(w_i)``, ``w`` being the item counts.
+    Items are grouped (:func:`group_items`) into ``ceil(K / ratio)`` groups; each group becomes
+    one item ``sum(w_i m_i) / sum(w_i)`` with weight ``sum(w_i)``, ``w`` being the item counts.
+    With ``covered`` (the current global memory; ``"kcenter"`` only) the groups are the ones that
+    ``covered`` lacks (see :func:`kcenter_grouping`).
 
     Returns:
         ``(reduced_items, reduced_weights)``.
@@ -152,7 +328,9 @@ def memory_reduce(
         msg = f"memory-reduce ratio must be >= 1, got {ratio}."
         raise ValueError(msg)
     target = max(1, math.ceil(items.shape[0] / ratio))
-    return weighted_kmeans(items, counts, target, seed=seed)
+    if covered is not None and method == "kcenter":
+        return kcenter_grouping(items, counts, target, seed=seed, covered=covered)
+    return group_items(items, counts, target, method, seed=seed)
 
 
 class DynamicMemory(DynamicBufferMixin, nn.Module):
@@ -274,14 +452,26 @@ def aggregate_memories(
     *,
     seed: int = 0,
     previous: torch.Tensor | None = None,
+    previous_weights: torch.Tensor | None = None,
+    method: str = "kcenter",
+    grow: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Server aggregation: weighted k-means over the union of the uploaded reduced memories.
+    """Server aggregation: the union of the uploaded reduced memories, grouped to at most ``size``.
+
+    A union that fits in ``size`` items is kept whole (no item is averaged away); a larger one is
+    grouped by ``method`` (:func:`group_items`; ``"kmeans"`` warm-starts from ``previous``). Both
+    choose their centres on a bounded subsample and assign every item once, so the server's time
+    grows linearly with the number of clients.
 
     Args:
         uploads: One ``(items, weights)`` pair per client.
-        size: Size of the global memory ``G`` (capped by the number of uploaded items).
-        seed: k-means seed.
-        previous: Previous global memory, used as warm start when its size matches.
+        size: Largest size of the global memory ``G``.
+        seed: Grouping seed.
+        previous: Previous global memory: the k-means warm start when its size matches, and with
+            ``grow`` part of the union.
+        previous_weights: Weights of ``previous`` (ones when ``None``).
+        method: ``"kcenter"`` or ``"kmeans"``.
+        grow: Keep ``previous`` in the union: ``G`` accumulates what clients add round by round.
 
     Returns:
         ``(global_memory, weights)``.
@@ -289,6 +479,10 @@ def aggregate_memories(
     if not uploads:
         msg = "aggregate_memories needs at least one upload."
         raise ValueError(msg)
-    items = torch.cat([upload[0].float() for upload in uploads])
-    weights = torch.cat([upload[1].float() for upload in uploads])
-    return weighted_kmeans(items, weights, size, seed=seed, init=previous)
+    parts = list(uploads)
+    if grow and previous is not None and previous.numel() > 0:
+        held = torch.ones(previous.shape[0]) if previous_weights is None else previous_weights
+        parts.insert(0, (previous, held))
+    items = torch.cat([part[0].float() for part in parts])
+    weights = torch.cat([part[1].float() for part in parts])
+    return group_items(items, weights, size, method, seed=seed, init=previous)

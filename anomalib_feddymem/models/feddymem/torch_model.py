@@ -42,6 +42,14 @@ def validate_backbone(backbone: str, layers: Sequence[str]) -> list[str]:
     return available
 
 
+def feature_dimension(backbone: str, layers: Sequence[str]) -> int:
+    """``D``, the channels of the concatenated ``layers`` of ``backbone`` (built without weights)."""
+    probe = timm.create_model(backbone, pretrained=False, features_only=True, exportable=True)
+    channels = {info["module"]: info["num_chs"] for info in probe.feature_info.info}
+    validate_backbone(backbone, layers)
+    return int(sum(channels[layer] for layer in layers))
+
+
 def create_feature_extractor(backbone: str, layers: Sequence[str], pre_trained: bool) -> TimmFeatureExtractor:
     """anomalib's ``TimmFeatureExtractor``, with an actionable error when weights are unreachable."""
     validate_backbone(backbone, layers)
@@ -137,7 +145,9 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
         layers: Two (or more) feature layers, locally averaged and concatenated at the finest's
             resolution (as in PatchCore).
         pre_trained: Load ImageNet weights for the backbone.
-        embedding_dim: ``d``, output channels of the memory generator.
+        embedding_dim: ``d``, output channels of the memory generator; ``None`` keeps the
+            features' own dimension ``D`` (the generator then starts as a rotation, which preserves
+            every distance).
         num_neighbors: Items of ``G`` a patch is scored against; 1 is the nearest distance,
             more gives a softmin-weighted distance over the nearest items.
         sigma: Gaussian smoothing of the anomaly map.
@@ -155,12 +165,12 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
         backbone: str = "tf_efficientnet_lite0",
         layers: Sequence[str] = ("blocks.2", "blocks.4"),
         pre_trained: bool = True,
-        embedding_dim: int = 128,
+        embedding_dim: int | None = None,
         num_neighbors: int = 1,
         sigma: float = 4.0,
     ) -> None:
         super().__init__()
-        if embedding_dim < 1:
+        if embedding_dim is not None and embedding_dim < 1:
             msg = f"embedding_dim must be >= 1, got {embedding_dim}."
             raise ValueError(msg)
         if num_neighbors < 1:
@@ -172,10 +182,10 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
         for parameter in self.feature_extractor.parameters():
             parameter.requires_grad_(False)
         self.feature_dim = int(sum(self.feature_extractor.out_dims))
-        self.embedding_dim = embedding_dim
+        self.embedding_dim = self.feature_dim if embedding_dim is None else embedding_dim
         self.num_neighbors = num_neighbors
         self.feature_pooler = nn.AvgPool2d(3, 1, 1)
-        self.generator = MemoryGenerator(self.feature_dim, embedding_dim)
+        self.generator = MemoryGenerator(self.feature_dim, self.embedding_dim)
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
         self.register_buffer("memory", torch.empty(0))
         self.memory: torch.Tensor
