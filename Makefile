@@ -34,7 +34,7 @@ demo-real: venv
 
 # FedDyMem vs Patchcore on the real folders (long: about an hour or more on 2 CPU cores).
 benchmark: venv
-	$(VENV)/bin/feddymem benchmark --config configs/benchmark/shared_data.yaml --data-root $(DATA_ROOT) --output $(OUTPUT)/benchmark
+	$(VENV)/bin/feddymem benchmark --config anomalib_feddymem/configs/benchmark/shared_data.yaml --data-root $(DATA_ROOT) --output $(OUTPUT)/benchmark
 
 clean:
 	rm -rf $(VENV) $(OUTPUT) .pytest_cache

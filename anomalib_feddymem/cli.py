@@ -4,10 +4,10 @@ One small function per subcommand (``add_<name>_parser`` builds its arguments, `
 runs it) registered in :data:`SUBCOMMANDS`, so a new subcommand is one pair of functions.
 
 Examples:
-    feddymem simulate --config configs/federated/synthetic.yaml
+    feddymem simulate --config anomalib_feddymem/configs/federated/synthetic.yaml
     feddymem simulate --data-root ../shared/data --datasets mvtec_bottle,headct --clients 3 \\
         --partition dirichlet --alpha 0.5 --rounds 3 --local-epochs 1 --seed 0 --output outputs/fed
-    feddymem simulate --config configs/federated/synthetic.yaml --resume
+    feddymem simulate --config anomalib_feddymem/configs/federated/synthetic.yaml --resume
     feddymem partition --data-root ../shared/data --datasets mvtec_bottle,headct --clients 4
     feddymem demo --output outputs/demo
 """
@@ -28,7 +28,8 @@ __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 logger = logging.getLogger("anomalib_feddymem")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "federated"
+DEMO_CONFIG = "federated/demo.yaml"
+DEMO_REAL_CONFIG = "federated/demo_real.yaml"
 REAL_DATASETS = ("mvtec_bottle", "magnetic_tile", "mpdd_metal_plate", "headct")
 
 
@@ -138,7 +139,7 @@ def add_demo_parser(subparsers: Any) -> None:  # noqa: ANN401
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Run ``configs/federated/demo.yaml`` (or ``demo_real.yaml`` with ``--data-root``) afresh."""
+    """Run ``anomalib_feddymem/configs/federated/demo.yaml`` (or ``demo_real.yaml`` with ``--data-root``) afresh."""
     import shutil
 
     from anomalib_feddymem.federation.config import load_config
@@ -150,9 +151,9 @@ def run_demo(args: argparse.Namespace) -> int:
         if not present:
             print(f"Skipping the real-data demo: no dataset folder of {args.datasets} under {root}.")
             return 0
-        config = load_config(CONFIG_DIR / "demo_real.yaml", data_root=str(root), datasets=present, output=args.output)
+        config = load_config(DEMO_REAL_CONFIG, data_root=str(root), datasets=present, output=args.output)
     else:
-        config = load_config(CONFIG_DIR / "demo.yaml", output=args.output)
+        config = load_config(DEMO_CONFIG, output=args.output)
     shutil.rmtree(config.output_dir / "checkpoints", ignore_errors=True)  # a demo always starts afresh
     result = simulate(config)
     _print_summary(result.rows)

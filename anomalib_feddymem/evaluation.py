@@ -1,9 +1,12 @@
 """Rank-based evaluation shared by the examples, the federation and the benchmark.
 
 anomalib's ``AUROC`` goes through torchmetrics, which applies a sigmoid to scores outside
-[0, 1]: raw distances then saturate into ties and the AUROC is wrong. Everything we report is
-computed here instead, with ``sklearn.metrics.roc_auc_score`` on the models' *raw* scores and
-maps (no post-processing), and with the inference time measured on the same images.
+[0, 1]. In anomalib's default pipeline that never happens (its post-processor first normalises
+scores into [0, 1] with a monotonic map, so its image AUROC equals the rank AUROC), but raw
+distances given to such a metric directly would saturate into ties. The federation and the
+benchmark score models outside Lightning's test loop, so everything we report is computed here,
+with ``sklearn.metrics.roc_auc_score`` on the models' *raw* scores and maps (no
+post-processing), and with the inference time measured on the same images.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def predict(model: torch.nn.Module, dataloader: Iterable, *, with_maps: bool = T
     """Run an anomalib model's torch network on a test dataloader and collect raw outputs.
 
     The model's own pre-processor transform is applied to images and masks exactly as in
-    anomalib's test loop; the post-processor (sigmoid normalisation, thresholds) is not.
+    anomalib's test loop; the post-processor (normalisation, thresholds) is not.
     """
     model.eval()
     device = next(model.parameters()).device

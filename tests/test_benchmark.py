@@ -169,12 +169,14 @@ def test_bad_options_name_the_option(tmp_path):
 
 
 def test_shipped_configs_load():
-    root = Path(__file__).resolve().parents[1] / "configs" / "benchmark"
-    configs = sorted(root.glob("*.yaml"))
-    assert configs
+    from anomalib_feddymem.federation.config import shipped_configs
+
+    configs = sorted((shipped_configs() / "benchmark").glob("*.yaml"))
+    assert [path.name for path in configs] == ["shared_data.yaml", "shared_data_ablations.yaml", "synthetic.yaml"]
     for path in configs:
         config = load_benchmark_config(path)
-        assert config.methods == list(METHODS)
+        expected = ["feddymem_federated"] if path.name == "shared_data_ablations.yaml" else list(METHODS)
+        assert config.methods == expected, path
         patchcore = config.patchcore_options()
         assert patchcore["backbone"] == config.model.get("backbone", "tf_efficientnet_lite0")
         assert list(patchcore["layers"]) == list(config.model.get("layers", ("blocks.2", "blocks.4")))

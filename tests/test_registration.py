@@ -1,6 +1,6 @@
 """FedDyMem through anomalib's own entry points, as a user would call them.
 
-``anomalib train --model FedDyMem`` (bare name), ``anomalib train --config configs/feddymem.yaml``,
+``anomalib train --model FedDyMem`` (bare name), ``anomalib train --config anomalib_feddymem/configs/feddymem.yaml``,
 ``anomalib export --model FedDyMem ... --export_type openvino``, ``anomalib benchmark`` with a
 ``[Patchcore, FedDyMem]`` grid and ``anomalib.models.get_model`` all run in fresh interpreters of
 this venv, where only the ``.pth`` import hook can have made FedDyMem known to anomalib. The hook
@@ -10,6 +10,7 @@ itself must cost (almost) nothing at interpreter start and import nothing heavy.
 from __future__ import annotations
 
 import inspect
+import os
 import json
 import statistics
 import subprocess
@@ -27,8 +28,8 @@ import yaml
 from conftest import folder_data_options, only_checkpoint, python
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG = REPO_ROOT / "configs" / "feddymem.yaml"
-BENCHMARK_CONFIG = REPO_ROOT / "configs" / "benchmark_patchcore.yaml"
+CONFIG = REPO_ROOT / "anomalib_feddymem" / "configs" / "feddymem.yaml"
+BENCHMARK_CONFIG = REPO_ROOT / "anomalib_feddymem" / "configs" / "benchmark_patchcore.yaml"
 #: Options that keep a CLI training run to seconds.
 TINY_CLI_OPTIONS = [
     "--model.memory_size", "64", "--model.global_memory_size", "64", "--model.embedding_dim", "32",
@@ -128,7 +129,7 @@ def test_cli_export_openvino_from_checkpoint(cli_checkpoint: Path, tmp_path: Pat
 
 @pytest.mark.slow
 def test_cli_train_with_config_file(synthetic_folder: Path, tmp_path: Path, cli: Callable[..., Any]) -> None:
-    """``configs/feddymem.yaml`` as shipped (real-data path), with the data and sizes overridden."""
+    """``anomalib_feddymem/configs/feddymem.yaml`` as shipped (real-data path), with the data and sizes overridden."""
     cli(
         ["anomalib", "train", "--config", CONFIG, *folder_data_options(synthetic_folder), *TINY_CLI_OPTIONS,
          "--default_root_dir", tmp_path / "results"],
@@ -202,3 +203,68 @@ def test_print_config_shows_the_class_defaults(tmp_path: Path, cli: Callable[...
     for name in ("embedding_dim", "memory_ratio", "memory_size", "reduce_ratio", "reduce_method", "aggregation",
                  "upload_precision", "global_memory_size"):  # fmt: skip
         assert printed["init_args"][name] == parameters[name].default, name
+
+
+@pytest.mark.slow
+def test_wheel_ships_configs_and_hook_and_runs_from_any_directory(tmp_path: Path) -> None:
+    """A non-editable install: the wheel holds the configs and the ``.pth`` hook; they work elsewhere.
+
+    The wheel is installed without dependencies into a folder of its own, put first on the path of
+    this venv's interpreter (which provides torch, anomalib, ...), and run from an unrelated folder.
+    """
+    import zipfile
+
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(dist),
+         str(REPO_ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    (wheel,) = dist.glob("anomalib_feddymem-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"anomalib_feddymem.pth", "anomalib_feddymem/configs/federated/demo.yaml",
+            "anomalib_feddymem/configs/feddymem.yaml"} <= names  # fmt: skip
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = (
+        "from anomalib_feddymem.federation.config import load_config, shipped_configs\n"
+        "print(shipped_configs())\n"
+        "print(load_config('configs/federated/synthetic.yaml').rounds)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
+                            timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    shipped, rounds = result.stdout.split()
+    assert Path(shipped) == site / "anomalib_feddymem" / "configs" and int(rounds) >= 1
+    demo = subprocess.run([sys.executable, str(site / "bin" / "feddymem"), "demo", "--help"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert demo.returncode == 0 and "--data-root" in demo.stdout, demo.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_anomalib_image_auroc_equals_the_rank_auroc_in_the_default_pipeline(synthetic_folder: Path, tmp_path: Path) -> None:
+    """anomalib's post-processor normalises scores into [0, 1] (monotonically, with validation's
+    min and max) before its evaluator sees them: no sigmoid saturation, the same ranking."""
+    from anomalib.engine import Engine
+
+    from anomalib_feddymem import FedDyMem
+    from anomalib_feddymem.data import folder_datamodule
+    from anomalib_feddymem.evaluation import evaluate
+
+    datamodule = folder_datamodule(synthetic_folder, train_batch_size=4, eval_batch_size=4)  # validation = test
+    model = FedDyMem(  # a random backbone, so that the AUROC is not a trivial 1.0
+        pre_trained=False, memory_size=64, global_memory_size=64, visualizer=False,
+        pre_processor=FedDyMem.configure_pre_processor(image_size=(64, 64)),
+    )  # fmt: skip
+    engine = Engine(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, accelerator="cpu")
+    engine.fit(model, datamodule=datamodule)
+    (metrics,) = engine.test(model, datamodule=datamodule, verbose=False)
+    rank = evaluate(model, datamodule.test_dataloader())
+    assert rank.image_auroc is not None and rank.image_auroc < 1.0
+    assert metrics["image_AUROC"] == pytest.approx(rank.image_auroc, abs=1e-6)

@@ -1,6 +1,6 @@
 """The benchmark of FedDyMem against Patchcore: ``feddymem benchmark`` (issue: benchmark against PatchCore).
 
-* :mod:`.config`: :class:`BenchmarkConfig` (YAML in ``configs/benchmark/``);
+* :mod:`.config`: :class:`BenchmarkConfig` (YAML in ``anomalib_feddymem/configs/benchmark/``);
 * :mod:`.methods`: the five methods (federated/central FedDyMem, central/local/federated Patchcore);
 * :mod:`.timing`: torch and OpenVINO inference time on the same images;
 * :mod:`.report`: ``results.csv``, ``results.md``, ablation tables and plots;

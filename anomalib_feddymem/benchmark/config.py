@@ -1,6 +1,6 @@
 """Settings of a benchmark run: one dataclass, loadable from YAML, every field also a CLI flag.
 
-``configs/benchmark/*.yaml`` hold the keys of :class:`BenchmarkConfig`. The federation-shaped
+``anomalib_feddymem/configs/benchmark/*.yaml`` hold the keys of :class:`BenchmarkConfig`. The federation-shaped
 fields (clients, partition, alpha, rounds, ...) mean exactly what they mean for
 :class:`~anomalib_feddymem.federation.config.FederationConfig`, which
 :meth:`BenchmarkConfig.federation` builds for every FedDyMem run.

@@ -8,7 +8,7 @@ backbone, layers and image size, times every model on the same images (:mod:`.ti
 
 Example:
     >>> from anomalib_feddymem.benchmark import load_benchmark_config, run_benchmark
-    >>> result = run_benchmark(load_benchmark_config("configs/benchmark/synthetic.yaml"))  # doctest: +SKIP
+    >>> result = run_benchmark(load_benchmark_config("anomalib_feddymem/configs/benchmark/synthetic.yaml"))  # doctest: +SKIP
     >>> result.output / "results.csv"  # doctest: +SKIP
 """
 

@@ -1,12 +1,13 @@
 """Settings of a federated run: one dataclass, loadable from YAML, every field also a CLI flag.
 
-``configs/federated/*.yaml`` hold the same keys as :class:`FederationConfig`; ``model`` is a
+``anomalib_feddymem/configs/federated/*.yaml`` (shipped in the wheel) hold the same keys as :class:`FederationConfig`; ``model`` is a
 mapping of further :class:`~anomalib_feddymem.FedDyMem` options (memory sizes, backbone, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from importlib import resources
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping
@@ -16,7 +17,15 @@ import yaml
 
 from .partition import SCHEMES
 
-__all__ = ["EVALUATION_MODES", "RUN_CONFIG_KEYS", "FederationConfig", "from_run_config", "load_config"]
+__all__ = [
+    "EVALUATION_MODES",
+    "RUN_CONFIG_KEYS",
+    "FederationConfig",
+    "from_run_config",
+    "load_config",
+    "resolve_config_path",
+    "shipped_configs",
+]
 
 #: When clients evaluate (``FederationConfig.evaluation``).
 EVALUATION_MODES = ("every_round", "last_round", "none")
@@ -136,6 +145,37 @@ class FederationConfig:
 ConfigT = TypeVar("ConfigT")
 
 
+def shipped_configs() -> Path:
+    """The folder of the YAML configs shipped inside the package (``anomalib_feddymem/configs``)."""
+    return Path(str(resources.files("anomalib_feddymem") / "configs"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself if it exists, else the shipped config it names.
+
+    ``configs/federated/demo.yaml``, ``federated/demo.yaml`` and ``anomalib_feddymem/configs/...``
+    all name a shipped config, so the commands of the README work from any directory and from an
+    installed wheel.
+
+    Raises:
+        FileNotFoundError: neither a file nor a shipped config, listing the shipped ones.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    parts = path.parts
+    for prefix in (("anomalib_feddymem", "configs"), ("configs",)):
+        if parts[: len(prefix)] == prefix:
+            parts = parts[len(prefix) :]
+            break
+    shipped = shipped_configs().joinpath(*parts) if parts else None
+    if shipped is not None and shipped.is_file():
+        return shipped
+    names = sorted(str(p.relative_to(shipped_configs())) for p in shipped_configs().rglob("*.yaml"))
+    msg = f"Config file not found: {path} (neither a file nor a shipped config; shipped: {names})."
+    raise FileNotFoundError(msg)
+
+
 def load_dataclass_config(cls: type[ConfigT], path: str | Path | None = None, **overrides: Any) -> ConfigT:  # noqa: ANN401
     """Read a YAML file of ``cls``'s fields, apply non-``None`` overrides and build ``cls``.
 
@@ -148,10 +188,7 @@ def load_dataclass_config(cls: type[ConfigT], path: str | Path | None = None, **
     """
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            msg = f"Config file not found: {path}."
-            raise FileNotFoundError(msg)
+        path = resolve_config_path(path)
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             msg = f"{path}: expected a mapping of options at the top level."

@@ -1,6 +1,6 @@
 """In-process simulation, the embedded default: every client lives in this process.
 
-``feddymem simulate --config configs/federated/synthetic.yaml`` and :func:`simulate` build the
+``feddymem simulate --config anomalib_feddymem/configs/federated/synthetic.yaml`` and :func:`simulate` build the
 products (the embedded synthetic dataset, or MVTec-layout folders), partition them, create one
 persistent :class:`~anomalib_feddymem.federation.client.FedDyMemClient` per client and run the
 shared round loop over :class:`InProcessTransport`, which passes the same Flower records a real
