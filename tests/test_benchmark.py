@@ -156,6 +156,35 @@ def test_ablations_table(tiny_run):
     assert [r["ablation"] for r in read_csv(tiny_run.output / "ablations.csv")] == [r["ablation"] for r in rows]
 
 
+@pytest.mark.slow
+def test_frontier_runs_every_budget_and_reuses_the_main_runs(tiny_run):
+    from anomalib_feddymem.benchmark import run_benchmark
+    from anomalib_feddymem.benchmark.timing import torch_threads
+
+    config = tiny_run.config.replace(
+        methods=["feddymem_federated", "patchcore_federated"],
+        output=str(tiny_run.output.parent / "frontier"),
+        heatmap_images=0,
+        openvino=False,
+        frontier={"reduce_ratios": [2, 4], "coreset_ratios": [0.1, 0.5]},
+    )
+    with torch_threads(1):
+        result = run_benchmark(config, frontier=True)
+    rows = result.frontier_rows
+    assert [(r["method"], r["setting"]) for r in rows] == [
+        ("feddymem_federated", "reduce_ratio=2"), ("feddymem_federated", "reduce_ratio=4"),
+        ("patchcore_federated", "coreset_ratio=0.1"), ("patchcore_federated", "coreset_ratio=0.5"),
+    ]  # fmt: skip
+    federated, naive = result.runs["feddymem_federated"], result.runs["patchcore_federated"]
+    assert rows[0]["upload_bytes_per_round"] == federated.upload_bytes_per_round  # the main run, reused
+    assert rows[0]["total_upload_bytes"] == federated.upload_bytes_per_round * config.rounds
+    assert rows[2]["total_upload_bytes"] == naive.upload_bytes_per_round  # one upload
+    assert rows[1]["total_upload_bytes"] < rows[0]["total_upload_bytes"] < rows[3]["total_upload_bytes"]
+    assert rows[2]["total_upload_bytes"] < rows[3]["total_upload_bytes"]
+    assert [r["setting"] for r in read_csv(result.output / "frontier.csv")] == [r["setting"] for r in rows]
+    assert (result.output / "auroc_vs_upload.png").stat().st_size > 1000
+
+
 # ------------------------------------------------------------------------- config, CLI, missing data
 def test_bad_options_name_the_option(tmp_path):
     with pytest.raises(ValueError, match="methods: unknown \\['patchcore_fast'\\]"):

@@ -29,6 +29,7 @@ __all__ = [
     "write_csv",
     "write_frontier",
     "write_markdown",
+    "write_table",
 ]
 
 COLUMNS = (
@@ -191,22 +192,25 @@ def write_markdown(
     return path
 
 
-def write_ablations(rows: Sequence[Mapping[str, Any]], output: Path, preamble: str) -> tuple[Path, Path]:
-    """``ablations.csv`` and ``ablations.md`` (mean AUROCs over datasets and bytes per variant)."""
-    csv_path = write_csv(rows, output / "ablations.csv", ABLATION_COLUMNS)
-    lines = ["# FedDyMem ablations", "", preamble.strip(), ""] + _table(rows, ABLATION_COLUMNS)
-    md_path = output / "ablations.md"
+def write_table(
+    rows: Sequence[Mapping[str, Any]], output: Path, name: str, title: str, preamble: str, columns: Sequence[str]
+) -> tuple[Path, Path]:
+    """``<name>.csv`` and ``<name>.md`` (a titled table of ``columns``) in ``output``."""
+    csv_path = write_csv(rows, output / f"{name}.csv", columns)
+    lines = [f"# {title}", "", preamble.strip(), ""] + _table(rows, columns)
+    md_path = output / f"{name}.md"
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
+
+
+def write_ablations(rows: Sequence[Mapping[str, Any]], output: Path, preamble: str) -> tuple[Path, Path]:
+    """``ablations.csv`` and ``ablations.md`` (mean AUROCs over datasets and bytes per variant)."""
+    return write_table(rows, output, "ablations", "FedDyMem ablations", preamble, ABLATION_COLUMNS)
 
 
 def write_frontier(rows: Sequence[Mapping[str, Any]], output: Path, preamble: str) -> tuple[Path, Path]:
     """``frontier.csv`` and ``frontier.md``: mean AUROCs against total upload bytes per budget."""
-    csv_path = write_csv(rows, output / "frontier.csv", FRONTIER_COLUMNS)
-    lines = ["# Quality against upload bytes", "", preamble.strip(), ""] + _table(rows, FRONTIER_COLUMNS)
-    md_path = output / "frontier.md"
-    md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path
+    return write_table(rows, output, "frontier", "Quality against upload bytes", preamble, FRONTIER_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------- plots
@@ -229,9 +233,7 @@ def plot_auroc_vs_upload(
     if frontier:
         for method in dict.fromkeys(row["method"] for row in frontier):
             mine = sorted((r for r in frontier if r["method"] == method), key=lambda r: r["total_upload_bytes"])
-            x = [r["total_upload_bytes"] for r in mine]
-            y = [r["image_auroc"] for r in mine]
-            axis.plot(x, y, marker="o", label=method)
+            axis.plot([r["total_upload_bytes"] for r in mine], [r["image_auroc"] for r in mine], marker="o", label=method)
             for row in mine:
                 axis.annotate(row["setting"], (row["total_upload_bytes"], row["image_auroc"]),
                               textcoords="offset points", xytext=(4, 4), fontsize=7)  # fmt: skip
@@ -241,21 +243,16 @@ def plot_auroc_vs_upload(
         axis.set_xscale("log")
         axis.set(xlabel="total upload bytes per client (whole run)", ylabel="mean image AUROC",
                  title="Quality against communication")  # fmt: skip
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7, loc="lower right")
-        figure.tight_layout()
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        return path
-    for method, values in method_means(rows).items():
-        x, y = values["upload_bytes_per_round"] or 0.0, values["image_auroc"]
-        if y is None:
-            continue
-        axis.scatter([x], [y], s=60, label=method)
-        axis.annotate(method, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    axis.set_xscale("symlog", linthresh=1e3)
-    axis.set(xlabel="upload bytes per client per round (0 = no communication)", ylabel="mean image AUROC",
-             title="Accuracy against communication")
+    else:
+        for method, values in method_means(rows).items():
+            x, y = values["upload_bytes_per_round"] or 0.0, values["image_auroc"]
+            if y is None:
+                continue
+            axis.scatter([x], [y], s=60, label=method)
+            axis.annotate(method, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        axis.set_xscale("symlog", linthresh=1e3)
+        axis.set(xlabel="upload bytes per client per round (0 = no communication)", ylabel="mean image AUROC",
+                 title="Accuracy against communication")  # fmt: skip
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()

@@ -103,7 +103,7 @@ def _group_means(
     weights: torch.Tensor,
     labels: torch.Tensor,
     k: int,
-    chunk_size: int = 65536,
+    chunk_size: int = 16384,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted mean and total weight of every group (float64 sums); empty groups are dropped.
 
@@ -128,7 +128,8 @@ def _checked_points(points: torch.Tensor, weights: torch.Tensor, k: int, caller:
         msg = f"points must be (N, d) and weights (N,), got {tuple(points.shape)} and {tuple(weights.shape)}."
         raise ValueError(msg)
     x, w = points.detach().cpu().float(), weights.detach().cpu().float()
-    if not (torch.isfinite(x).all() and torch.isfinite(w).all()) or (w < 0).any():
+    finite = all(bool(torch.isfinite(rows).all()) for rows in torch.split(x, 16384)) and bool(torch.isfinite(w).all())
+    if not finite or (w < 0).any():
         msg = f"{caller} needs finite points and finite, non-negative weights."
         raise ValueError(msg)
     keep = w > 0
