@@ -21,11 +21,14 @@ from anomalib_feddymem.weights import has_offline_weights
 from .memory import squared_distances
 
 
-def validate_backbone(backbone: str, layers: Sequence[str]) -> list[str]:
+def validate_backbone(backbone: str, layers: Sequence[str]) -> dict[str, int]:
     """Check that ``backbone`` is a timm model with the requested feature ``layers``.
 
     anomalib's ``TimmFeatureExtractor`` silently drops unknown layers; FedDyMem refuses them so a
     typo fails before training, naming the available layers.
+
+    Returns:
+        Every feature layer of the backbone (in order) and its number of channels.
     """
     if not timm.is_model(backbone):
         msg = f"Unknown backbone {backbone!r}: not a timm model name (see timm.list_models())."
@@ -34,20 +37,18 @@ def validate_backbone(backbone: str, layers: Sequence[str]) -> list[str]:
         msg = "layers must name at least one feature layer of the backbone."
         raise ValueError(msg)
     probe = timm.create_model(backbone, pretrained=False, features_only=True, exportable=True)
-    available = [info["module"] for info in probe.feature_info.info]
-    unknown = [layer for layer in layers if layer not in available]
+    channels = {info["module"]: int(info["num_chs"]) for info in probe.feature_info.info}
+    unknown = [layer for layer in layers if layer not in channels]
     if unknown:
-        msg = f"Unknown layer(s) {unknown} for backbone {backbone!r}; available layers: {available}."
+        msg = f"Unknown layer(s) {unknown} for backbone {backbone!r}; available layers: {list(channels)}."
         raise ValueError(msg)
-    return available
+    return channels
 
 
 def feature_dimension(backbone: str, layers: Sequence[str]) -> int:
     """``D``, the channels of the concatenated ``layers`` of ``backbone`` (built without weights)."""
-    probe = timm.create_model(backbone, pretrained=False, features_only=True, exportable=True)
-    channels = {info["module"]: info["num_chs"] for info in probe.feature_info.info}
-    validate_backbone(backbone, layers)
-    return int(sum(channels[layer] for layer in layers))
+    channels = validate_backbone(backbone, layers)
+    return sum(channels[layer] for layer in layers)
 
 
 def create_feature_extractor(backbone: str, layers: Sequence[str], pre_trained: bool) -> TimmFeatureExtractor:
