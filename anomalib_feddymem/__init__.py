@@ -19,7 +19,7 @@ _LAZY = {
     "FastPatchcore": "anomalib_feddymem.models.fast_patchcore.lightning_model",
     "FedDyMem": "anomalib_feddymem.models.feddymem.lightning_model",
     "FedDyMemModel": "anomalib_feddymem.models.feddymem.torch_model",
-    "register_offline_weights": "anomalib_feddymem.weights",
+    "register_offline_weights": "anomalib_feddymem.models.components.weights",
 }
 
 __all__ = ["FastPatchcore", "FedDyMem", "FedDyMemModel", "__version__", "register_offline_weights"]

@@ -121,7 +121,7 @@ def add_partition_parser(subparsers: Any) -> None:  # noqa: ANN401
 
 def run_partition(args: argparse.Namespace) -> int:
     """Build the partition of the config and flags; the table is printed and saved to --output."""
-    from anomalib_feddymem.federation.simulation import build_partition
+    from anomalib_feddymem.federation.build import build_partition
 
     config = _config_from_args(args)
     build_partition(config, save=True)

@@ -37,7 +37,7 @@ def on_anomalib_models_loaded(models: ModuleType) -> None:
     A model module that is itself being imported (it imports ``anomalib.models`` first) is left
     alone here: it attaches itself when it finishes.
     """
-    from anomalib_feddymem.weights import register_offline_weights
+    from anomalib_feddymem.models.components.weights import register_offline_weights
 
     try:
         register_offline_weights()

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the figures."""
     from anomalib.models.components.sampling import KCenterGreedy
 
-    from anomalib_feddymem.sampling import FastKCenterGreedy
+    from anomalib_feddymem.models.components.sampling import FastKCenterGreedy
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", type=Path, help="MVTec-layout folder (default: synthetic data)")

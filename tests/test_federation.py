@@ -169,7 +169,8 @@ def test_receiver_refuses_items_of_another_precision_or_a_broken_code():
 @pytest.mark.slow
 def test_server_rejects_an_upload_in_the_wrong_dtype_and_the_round_goes_on(tmp_path, caplog):
     from anomalib_feddymem.federation.runner import run_federation
-    from anomalib_feddymem.federation.simulation import InProcessTransport, build_clients
+    from anomalib_feddymem.federation.build import build_clients
+    from anomalib_feddymem.federation.transport import InProcessTransport
 
     config = _config(tmp_path, rounds=1, model={**MODEL, "upload_precision": "int8"})
     clients = build_clients(config)
@@ -289,7 +290,7 @@ def test_clients_export_to_openvino(reference_run, tmp_path):
     import openvino as ov
     from PIL import Image
 
-    from anomalib_feddymem.federation.simulation import build_clients
+    from anomalib_feddymem.federation.build import build_clients
 
     assert set(reference_run.exports) == {0, 1}
     xml = Path(reference_run.exports[0])

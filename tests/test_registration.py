@@ -12,11 +12,9 @@ from __future__ import annotations
 import inspect
 import os
 import json
-import statistics
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,25 +36,47 @@ TINY_CLI_OPTIONS = [
 
 
 # ------------------------------------------------------------------------------ interpreter start
-def test_import_hook_costs_nothing_at_start_up() -> None:
-    """``python -c pass`` stays within 0.1 s of a bare interpreter and imports nothing heavy."""
-    with_site, bare = [], []
-    for _ in range(7):  # interleaved, so that load on the machine affects both alike
-        for flags, runs in (([], with_site), (["-S"], bare)):
-            command = [sys.executable, *flags, "-c", "pass"]
-            start = time.perf_counter()
-            subprocess.run(command, check=True)
-            runs.append(time.perf_counter() - start)
-    overhead = statistics.median(with_site) - statistics.median(bare)
-    print(f"start-up: {statistics.median(with_site) * 1000:.1f} ms with site hooks, "
-          f"{statistics.median(bare) * 1000:.1f} ms bare (python -S)")  # fmt: skip
-    assert overhead < 0.1, f"site start-up adds {overhead * 1000:.0f} ms"
+def test_import_hook_imports_nothing_heavy_at_start_up() -> None:
+    """The ``.pth`` hook is installed and loads no heavy package at interpreter start.
 
+    Its start-up cost in seconds is a benchmark figure (``python -X importtime -c pass``), not a test.
+    """
     result = python("import sys, json; print(json.dumps(sorted(sys.modules)))")
     loaded = set(json.loads(result.stdout))
     assert "anomalib_feddymem._autoload" in loaded, "the .pth hook is not installed in this venv"
     heavy = {name for name in loaded if name.split(".")[0] in {"torch", "anomalib", "timm", "lightning", "numpy"}}
     assert not heavy, f"start-up imported {sorted(heavy)}"
+
+
+#: Modules on the import cycle anomalib.models -> hook -> our models -> components -> anomalib.models.
+FIRST_IMPORTS = [
+    "anomalib_feddymem.models.components.sampling",
+    "anomalib_feddymem.models.components.sampling.k_center_greedy",
+    "anomalib_feddymem.models.components.weights",
+    "anomalib_feddymem.models.feddymem.anomaly_map",
+    "anomalib_feddymem.models.feddymem.memory",
+    "anomalib_feddymem.models.feddymem.torch_model",
+    "anomalib_feddymem.models.fast_patchcore.lightning_model",
+    "anomalib_feddymem.federation.build",
+]
+
+
+def test_any_module_can_be_imported_first() -> None:
+    """Importing a component first must not break the hook's import of the models (it once did)."""
+    code = "import {module}\nfrom anomalib.models import get_model\nassert get_model('FastPatchcore', pre_trained=False) and get_model('FedDyMem', pre_trained=False, memory_size=8)"
+    processes = {
+        module: subprocess.Popen(
+            [sys.executable, "-W", "ignore", "-c", code.format(module=module)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for module in FIRST_IMPORTS
+    }
+    failures = {}
+    for module, process in processes.items():
+        output, _ = process.communicate(timeout=600)
+        if process.returncode != 0:
+            failures[module] = output[-1500:]
+    assert not failures, failures
 
 
 def test_get_model_finds_feddymem_without_importing_it() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from anomalib.models.components.sampling import KCenterGreedy
 
-from anomalib_feddymem.sampling import FastKCenterGreedy, k_center_greedy
+from anomalib_feddymem.models.components.sampling import FastKCenterGreedy, k_center_greedy
 
 
 def _seed(seed: int) -> None:

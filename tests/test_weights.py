@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from anomalib_feddymem import FedDyMemModel
-from anomalib_feddymem.weights import OFFLINE_WEIGHTS, convert_state_dict, register_offline_weights
+from anomalib_feddymem.models.components.weights import OFFLINE_WEIGHTS, convert_state_dict, register_offline_weights
 
 LAYERS = ("blocks.2", "blocks.4")
 

@@ -42,9 +42,10 @@ from anomalib_feddymem.federation.datamodules import client_datamodules
 from anomalib_feddymem.federation.messages import decode_memory, encode_memory, record_nbytes
 from anomalib_feddymem.federation.partition import ClientPartition
 from anomalib_feddymem.federation.runner import FederationResult, run_federation
-from anomalib_feddymem.federation.simulation import InProcessTransport, build_client, build_partition
+from anomalib_feddymem.federation.build import build_client, build_partition
+from anomalib_feddymem.federation.transport import InProcessTransport
 from anomalib_feddymem.models.fast_patchcore import FastPatchcore
-from anomalib_feddymem.sampling import FastKCenterGreedy
+from anomalib_feddymem.models.components.sampling import FastKCenterGreedy
 
 from .config import BenchmarkConfig
 

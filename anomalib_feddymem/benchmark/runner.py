@@ -24,7 +24,7 @@ import yaml
 
 from anomalib_feddymem.data import generate_synthetic_dataset
 from anomalib_feddymem.federation.partition import save_partition_summary
-from anomalib_feddymem.federation.simulation import build_partition
+from anomalib_feddymem.federation.build import build_partition
 
 from . import report
 from .config import BenchmarkConfig

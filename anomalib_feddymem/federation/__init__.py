@@ -1,7 +1,8 @@
 """The federation: partition anomalib datamodules into clients, client and server steps, runners.
 
 * :mod:`.partition` splits products among clients (``category``, ``iid``, ``dirichlet``,
-  ``quantity``); :mod:`.datamodules` builds each client's anomalib datamodule.
+  ``quantity``); :mod:`.datamodules` builds each client's anomalib datamodule; :mod:`.build`
+  builds the clients (products, partition, seeded models) for every runner.
 * :mod:`.client` (client step) and :mod:`.server` (server step) are shared by every runner; the
   round loop, faults, metrics and checkpoints are in :mod:`.runner`.
 * :mod:`.simulation` runs every client in this process; :mod:`anomalib_feddymem.flower` deploys
@@ -27,6 +28,7 @@ _LAZY = {
     "FederationError": ".server",
     "run_federation": ".runner",
     "FederationResult": ".runner",
+    "build_clients": ".build",
     "simulate": ".simulation",
 }
 

@@ -1,7 +1,7 @@
 """The round loop shared by every runner: instructions out, uploads in, server step, evaluation.
 
 A runner only provides a :class:`Transport` (how instructions reach clients and replies come
-back): :class:`~anomalib_feddymem.federation.simulation.InProcessTransport` calls clients in this
+back): :class:`~anomalib_feddymem.federation.transport.InProcessTransport` calls clients in this
 process, :class:`~anomalib_feddymem.flower.server_app.FlowerTransport` sends Flower messages.
 Everything else, including fault handling, metrics, byte counts and checkpoints, lives here once.
 

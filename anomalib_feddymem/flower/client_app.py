@@ -46,7 +46,7 @@ def _node_config(context: Context, config: FederationConfig) -> int:
 
 def load_client(context: Context) -> FedDyMemClient:
     """This node's client, restored from ``context.state`` when it has trained before."""
-    from anomalib_feddymem.federation.simulation import build_client, build_partition
+    from anomalib_feddymem.federation.build import build_client, build_partition
 
     config = from_run_config(context.run_config)
     partition_id = _node_config(context, config)

@@ -3,7 +3,7 @@
 :class:`FastPatchcore` *is* anomalib's :class:`~anomalib.models.Patchcore`: the same options and
 defaults, backbone, feature pooling, memory bank, scoring, anomaly maps, checkpoints and export.
 Only the coreset subsampling of :meth:`FastPatchcore.fit` runs
-:class:`~anomalib_feddymem.sampling.FastKCenterGreedy`, which selects exactly the indices of
+:class:`~anomalib_feddymem.models.components.sampling.FastKCenterGreedy`, which selects exactly the indices of
 anomalib's ``KCenterGreedy`` (same seed, same start, same order) in a fraction of the time. A
 checkpoint of either model therefore loads into the other.
 
@@ -24,7 +24,7 @@ from anomalib.models import Patchcore
 from anomalib.models.components import AnomalibModule
 
 from anomalib_feddymem.registration import attach_model
-from anomalib_feddymem.sampling import FastKCenterGreedy
+from anomalib_feddymem.models.components.sampling import FastKCenterGreedy
 
 __all__ = ["FastPatchcore"]
 

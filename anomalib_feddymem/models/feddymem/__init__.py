@@ -2,7 +2,8 @@
 
 Reconstruction of Chen et al., "FedDyMem" (arXiv 2502.21012, 2025) from the paper's abstract; see
 ``DESIGN.md``. ``torch_model`` is the export surface, ``lightning_model`` the anomalib module,
-``loss`` the metric loss and ``memory`` the memory bank maths shared with the federation.
+``anomaly_map`` the patch scores to image maps (as Patchcore's), ``loss`` the metric loss and
+``memory`` the memory bank maths shared with the federation.
 """
 
 from .lightning_model import FedDyMem

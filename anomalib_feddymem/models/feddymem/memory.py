@@ -19,7 +19,7 @@ import torch
 from anomalib.models.components import DynamicBufferMixin
 from torch import nn
 
-from anomalib_feddymem.sampling import k_center_greedy
+from anomalib_feddymem.models.components.sampling import k_center_greedy
 
 MEMORY_INIT_METHODS = ("coreset", "kmeans")
 #: Wire precisions of uploaded items (see :mod:`anomalib_feddymem.federation.messages`).
@@ -376,7 +376,7 @@ class DynamicMemory(DynamicBufferMixin, nn.Module):
         """Initialise from a client's own embeddings, on a seeded subsample of ``max_points``.
 
         ``"coreset"`` (default) keeps the k-center greedy coreset of the embeddings (PatchCore's
-        sampler, :func:`~anomalib_feddymem.sampling.k_center_greedy`): every normal patch lies
+        sampler, :func:`~anomalib_feddymem.models.components.sampling.k_center_greedy`): every normal patch lies
         close to some item, rare normal textures included. ``"kmeans"`` keeps k-means centroids,
         which average rare patches away: on headct (256 px, untrained generator) image AUROC was
         0.802 / 0.808 with k-means and 0.829 / 0.825 with the coreset at 2048 / 4096 items

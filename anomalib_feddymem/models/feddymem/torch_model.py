@@ -12,12 +12,13 @@ from collections.abc import Sequence
 import timm
 import torch
 from anomalib.data import InferenceBatch
-from anomalib.models.components import DynamicBufferMixin, GaussianBlur2d, TimmFeatureExtractor
+from anomalib.models.components import DynamicBufferMixin, TimmFeatureExtractor
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_feddymem.weights import has_offline_weights
+from anomalib_feddymem.models.components.weights import has_offline_weights
 
+from .anomaly_map import AnomalyMapGenerator
 from .memory import squared_distances
 
 
@@ -101,41 +102,6 @@ class MemoryGenerator(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``(B, D, H, W)`` features to ``(B, d, H, W)`` embeddings."""
         return self.conv(torch.cat([features, self.coordinates(features)], dim=1))
-
-
-class SeparableGaussianBlur2d(GaussianBlur2d):
-    """anomalib's ``GaussianBlur2d`` computed as two 1-D passes.
-
-    The 2-D kernel is the outer product of two 1-D Gaussians, so a vertical then a horizontal pass
-    give the same map (up to float rounding) with ``2k`` instead of ``k^2`` operations per pixel:
-    for sigma 4 (k = 33) the blur of a 256 px map took 86 -> 34 ms on a shared 2-core CPU.
-    """
-
-    def __init__(self, kernel_size: int, sigma: float, channels: int = 1) -> None:
-        super().__init__(kernel_size=(kernel_size, kernel_size), sigma=(sigma, sigma), channels=channels)
-        line = self.kernel[0, 0].sum(dim=1)  # row sums of the normalised 2-D kernel: the 1-D kernel
-        self.register_buffer("kernel_y", line.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), persistent=False)
-        self.register_buffer("kernel_x", line.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), persistent=False)
-
-    def forward(self, input_tensor: torch.Tensor) -> torch.Tensor:
-        """Blur ``(B, C, H, W)`` with anomalib's padding, separably."""
-        padded = F.pad(input_tensor, self.padding_shape, mode=self.border_type)
-        vertical = F.conv2d(padded, self.kernel_y, groups=self.channels)
-        return F.conv2d(vertical, self.kernel_x, groups=self.channels)
-
-
-class AnomalyMapGenerator(nn.Module):
-    """Upsample patch scores to the image and smooth them with a Gaussian (sigma 4 by default)."""
-
-    def __init__(self, sigma: float = 4.0) -> None:
-        super().__init__()
-        kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
-        self.blur = SeparableGaussianBlur2d(kernel_size=kernel_size, sigma=sigma, channels=1)
-
-    def forward(self, patch_scores: torch.Tensor, image_size: torch.Size | tuple[int, int]) -> torch.Tensor:
-        """``(B, 1, h, w)`` patch scores to a ``(B, 1, H, W)`` anomaly map."""
-        upsampled = F.interpolate(patch_scores, size=tuple(image_size), mode="bilinear", align_corners=False)
-        return self.blur(upsampled)
 
 
 class FedDyMemModel(DynamicBufferMixin, nn.Module):

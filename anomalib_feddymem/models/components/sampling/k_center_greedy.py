@@ -41,7 +41,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
 
 __all__ = ["FastKCenterGreedy", "k_center_greedy"]
 
@@ -316,6 +315,10 @@ class FastKCenterGreedy:
             raise ValueError(msg)
         self.embedding = embedding
         self.coreset_size = coreset_size
+        # Imported here: importing anomalib.models runs this package's registration hook, which
+        # imports the models, which import this module; a top-level import would be circular.
+        from anomalib.models.components.dimensionality_reduction import SparseRandomProjection
+
         self.model = SparseRandomProjection(eps=0.9)  # anomalib's choice, same random calls
         self.features: torch.Tensor
 
