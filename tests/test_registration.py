@@ -136,7 +136,7 @@ def test_cli_export_openvino_from_checkpoint(cli_checkpoint: Path, tmp_path: Pat
     )  # fmt: skip
     xml = tmp_path / "export" / "weights" / "openvino" / "model.xml"
     assert xml.is_file() and xml.with_suffix(".bin").is_file()
-    compiled = ov.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = ov.Core().compile_model(xml, "CPU")  # OpenVINO's defaults, as `anomalib predict` compiles
     model = FedDyMem.load_from_checkpoint(cli_checkpoint, map_location="cpu").eval()
     for batch in (2, 1):
         images = torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
@@ -145,6 +145,29 @@ def test_cli_export_openvino_from_checkpoint(cli_checkpoint: Path, tmp_path: Pat
             reference = model(images)
         np.testing.assert_allclose(outputs["pred_score"].reshape(-1), reference.pred_score.numpy(), atol=1e-3)
         np.testing.assert_allclose(outputs["anomaly_map"], reference.anomaly_map.numpy(), atol=5e-3)
+
+
+@pytest.mark.slow
+def test_cli_predict_writes_visualisations(
+    cli_checkpoint: Path, synthetic_folder: Path, tmp_path: Path, cli: Callable[..., Any]
+) -> None:
+    """``anomalib predict --model FedDyMem --ckpt_path CKPT --data DIR_OF_IMAGES`` through the real CLI.
+
+    As for any anomalib model, the model options a checkpoint was trained with are passed again
+    (here the tiny sizes; a model trained at the defaults needs none).
+    """
+    images = sorted((synthetic_folder / "test").rglob("*.png"))[:3]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in images:
+        (folder / f"{path.parent.name}_{path.name}").write_bytes(path.read_bytes())
+    cli(
+        ["anomalib", "predict", "--model", "FedDyMem", *TINY_CLI_OPTIONS[:6], "--ckpt_path", cli_checkpoint,
+         "--data", folder, "--default_root_dir", tmp_path / "results"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    written = sorted(p.name for p in (tmp_path / "results").rglob("*.png"))
+    assert written == sorted(p.name for p in folder.iterdir()), written
 
 
 @pytest.mark.slow

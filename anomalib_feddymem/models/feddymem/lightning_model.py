@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import timm
@@ -36,6 +37,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from anomalib_feddymem.models.components.export import keep_float32
 from anomalib_feddymem.registration import attach_model
 
 from .loss import MemoryMetricLoss
@@ -43,6 +45,9 @@ from .memory import GROUPING_METHODS, MEMORY_INIT_METHODS, UPLOAD_PRECISIONS, Dy
 from .torch_model import FedDyMemModel
 
 logger = logging.getLogger(__name__)
+
+#: The opset of the ONNX export (the dynamo exporter's native one: nothing to convert).
+ONNX_OPSET = 18
 
 
 class FedDyMem(AnomalibModule):
@@ -196,6 +201,26 @@ class FedDyMem(AnomalibModule):
         mean = list(cfg.mean) if cfg is not None and cfg.mean else [0.485, 0.456, 0.406]
         std = list(cfg.std) if cfg is not None and cfg.std else [0.229, 0.224, 0.225]
         return PreProcessor(transform=Compose([Resize(image_size, antialias=True), Normalize(mean=mean, std=std)]))
+
+    def to_onnx(self, export_root: Path | str, model_file_name: str = "model", input_size: tuple[int, int] | None = None, **kwargs: Any) -> Path:  # noqa: ANN401
+        """anomalib's ONNX export at opset 18, the dynamo exporter's own.
+
+        anomalib asks for opset 14; the exporter then tries to convert its opset-18 graph down and
+        fails on ``Pad`` (the blur's reflect padding), printing a traceback although the export
+        goes on at 18. Exporting at 18 converts nothing, and the file declares the opset it uses.
+        """
+        kwargs.setdefault("opset_version", ONNX_OPSET)
+        return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+
+    def to_openvino(self, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
+        """anomalib's OpenVINO export, with every layer marked to keep float32 (:func:`keep_float32`).
+
+        So that ``OpenVINOInferencer``, ``anomalib predict`` and OpenVINO Model Server get
+        torch's answers at OpenVINO's defaults, also on CPUs that would otherwise use bfloat16.
+        """
+        path = super().to_openvino(*args, **kwargs)
+        keep_float32(path)
+        return path
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:

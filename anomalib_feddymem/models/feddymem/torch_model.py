@@ -97,7 +97,7 @@ class MemoryGenerator(nn.Module):
         ys = torch.linspace(-1.0, 1.0, height, device=features.device, dtype=features.dtype)
         xs = torch.linspace(-1.0, 1.0, width, device=features.device, dtype=features.dtype)
         grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))
-        return grid.unsqueeze(0).expand(features.shape[0], -1, -1, -1)
+        return grid.unsqueeze(0).repeat(features.shape[0], 1, 1, 1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``(B, D, H, W)`` features to ``(B, d, H, W)`` embeddings."""
@@ -192,16 +192,27 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
         self.memory = memory.detach().to(device=self.memory.device, dtype=torch.float32).contiguous()
 
     def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
-        """Distance of every patch of a ``(B, d, h, w)`` embedding to ``G``: ``(B, 1, h, w)``."""
+        """Distance of every patch of a ``(B, d, h, w)`` embedding to ``G``: ``(B, 1, h, w)``.
+
+        The matmul expansion only ranks the items; the distances to the chosen ones are then
+        recomputed as ``|q - m|^2`` directly. The expansion cancels (``|q|^2 + |m|^2`` is far larger
+        than a nearest distance), which float32 tolerates but a reduced-precision runtime does not:
+        OpenVINO computes the matmul in bfloat16 on CPUs that support it. A slightly wrong ranking
+        picks an item at almost the same distance, so recomputing keeps the score exact.
+        """
         batch, _, height, width = embedding.shape
-        distances = squared_distances(self.flatten(embedding), self.memory)
-        if self.num_neighbors == 1:
-            scores = distances.min(dim=1).values.sqrt()
+        queries = self.flatten(embedding)
+        distances = squared_distances(queries, self.memory)
+        k = min(self.num_neighbors, self.memory.shape[0])
+        if k == 1:
+            difference = queries + (-self.memory)[distances.argmin(dim=1)]  # an Add: see the docstring
+            scores = (difference * difference).sum(dim=1).sqrt()
         else:
-            nearest = distances.topk(min(self.num_neighbors, self.memory.shape[0]), dim=1, largest=False).values
-            nearest = nearest.sqrt()
+            indices = distances.topk(k, dim=1, largest=False).indices
+            difference = queries.unsqueeze(1) + (-self.memory)[indices]  # (N, k, d)
+            nearest = (difference * difference).sum(dim=-1).sqrt()
             scores = (F.softmin(nearest, dim=1) * nearest).sum(dim=1)
-        return scores.reshape(batch, height, width).unsqueeze(1)
+        return scores.reshape(batch, 1, height, width)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
         """Embeddings ``(B, d, h, w)`` in training mode; scores and maps in eval mode."""
