@@ -122,6 +122,7 @@ def test_openvino_timing_only_for_feddymem(tiny_run):
     for row in read_csv(tiny_run.output / "results.csv"):
         if row["method"].startswith("feddymem"):
             assert float(row["infer_ms_per_image_openvino"]) > 0
+            assert float(row["backbone_ms_per_image"]) > 0
         else:
             assert row["infer_ms_per_image_openvino"] == ""
     assert list((tiny_run.output / "exports").rglob("*.xml"))
@@ -130,7 +131,7 @@ def test_openvino_timing_only_for_feddymem(tiny_run):
 @pytest.mark.slow
 def test_markdown_and_plots(tiny_run):
     text = (tiny_run.output / "results.md").read_text()
-    for heading in ("## Results per method and dataset", "## Means over datasets", "## Targets"):
+    for heading in ("## Results per method and dataset", "## Means over datasets", "## Comparisons"):
         assert heading in text
     for method in METHODS:
         assert f"| {method} |" in text
@@ -177,7 +178,7 @@ def test_frontier_runs_every_budget_and_reuses_the_main_runs(tiny_run):
     ]  # fmt: skip
     federated, naive = result.runs["feddymem_federated"], result.runs["patchcore_federated"]
     assert rows[0]["upload_bytes_per_round"] == federated.upload_bytes_per_round  # the main run, reused
-    assert rows[0]["total_upload_bytes"] == federated.upload_bytes_per_round * config.rounds
+    assert rows[0]["total_upload_bytes"] == federated.upload_bytes_per_round * config.federation.rounds
     assert rows[2]["total_upload_bytes"] == naive.upload_bytes_per_round  # one upload
     assert rows[1]["total_upload_bytes"] < rows[0]["total_upload_bytes"] < rows[3]["total_upload_bytes"]
     assert rows[2]["total_upload_bytes"] < rows[3]["total_upload_bytes"]
@@ -197,6 +198,36 @@ def test_bad_options_name_the_option(tmp_path):
         load_benchmark_config(config)
 
 
+def test_benchmark_config_holds_a_federation_config_and_no_copy_of_its_fields():
+    import dataclasses
+
+    from anomalib_feddymem.benchmark.config import FEDERATION_KEYS, BenchmarkConfig
+    from anomalib_feddymem.federation.config import FederationConfig
+
+    own = {f.name for f in dataclasses.fields(BenchmarkConfig)}
+    assert not own & set(FEDERATION_KEYS), own & set(FEDERATION_KEYS)
+    config = load_benchmark_config(None, clients=2, model={"reduce_ratio": 4}, methods="patchcore_central")
+    assert isinstance(config.federation, FederationConfig)
+    assert (config.federation.clients, config.federation.model, config.methods) == (2, {"reduce_ratio": 4}, ["patchcore_central"])
+    run = config.run_config(Path("somewhere"), datasets=["disc"])
+    assert (run.output, run.datasets, run.clients, run.evaluation, run.min_clients) == ("somewhere", ["disc"], 2, "none", 1)
+    assert config.to_dict()["federation"]["clients"] == 2
+
+
+def test_benchmark_yaml_with_top_level_federation_keys_still_loads(tmp_path):
+    """Configs from before ``federation:``: their data/partition/model keys are read as federation keys."""
+    old = tmp_path / "old.yaml"
+    old.write_text("clients: 2\nrounds: 5\nmodel: {reduce_ratio: 4}\nmethods: [feddymem_federated]\n")
+    new = tmp_path / "new.yaml"
+    new.write_text("federation: {clients: 2, rounds: 5, model: {reduce_ratio: 4}}\nmethods: [feddymem_federated]\n")
+    assert load_benchmark_config(old) == load_benchmark_config(new)
+    assert load_benchmark_config(old, model={"memory_size": 9}).federation.model == {"reduce_ratio": 4, "memory_size": 9}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("federation: {clients: 0}\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: clients must be an integer >= 1, got 0"):
+        load_benchmark_config(bad)
+
+
 def test_shipped_configs_load():
     from anomalib_feddymem.federation.config import shipped_configs
 
@@ -207,8 +238,8 @@ def test_shipped_configs_load():
         expected = ["feddymem_federated"] if path.name == "shared_data_ablations.yaml" else list(METHODS)
         assert config.methods == expected, path
         patchcore = config.patchcore_options()
-        assert patchcore["backbone"] == config.model.get("backbone", "tf_efficientnet_lite0")
-        assert list(patchcore["layers"]) == list(config.model.get("layers", ("blocks.2", "blocks.4")))
+        assert patchcore["backbone"] == config.federation.model.get("backbone", "tf_efficientnet_lite0")
+        assert list(patchcore["layers"]) == list(config.federation.model.get("layers", ("blocks.2", "blocks.4")))
 
 
 def test_missing_data_root_skips_with_a_message(tmp_path, capsys):

@@ -221,3 +221,24 @@ def test_keep_float32_names_a_missing_or_foreign_file(tmp_path: Path) -> None:
     foreign.write_text("<html><body/></html>")
     with pytest.raises(ValueError, match=r"foreign\.xml is not an OpenVINO IR"):
         keep_float32(foreign)
+
+
+def test_exported_decision_follows_anomalib_post_processor(
+    exported: Path, trained_tiny: dict[str, Any], test_images: torch.Tensor, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The IR's label is anomalib's: the normalised score against 0.5, i.e. the raw score against the
+    adaptive (F1-optimal) threshold that validation set, and the same label as torch's."""
+    from anomalib.deploy import OpenVINOInferencer
+
+    post = trained_tiny["model"].post_processor
+    threshold, low, high = float(post.image_threshold), float(post.image_min), float(post.image_max)
+    assert np.isfinite([threshold, low, high]).all() and low < threshold < high, (low, threshold, high)
+    monkeypatch.chdir(tmp_path)
+    predicted = OpenVINOInferencer(path=exported, device="CPU").predict(test_images)
+    reference = torch_reference(trained_tiny["model"], test_images)
+    with torch.no_grad():
+        raw = trained_tiny["model"].model(trained_tiny["model"].pre_processor.transform(test_images)).pred_score
+    np.testing.assert_array_equal(predicted.pred_label.reshape(-1), reference.pred_label.numpy().reshape(-1))
+    np.testing.assert_array_equal(predicted.pred_label.reshape(-1), (raw >= threshold).numpy())
+    np.testing.assert_array_equal(predicted.pred_label.reshape(-1), predicted.pred_score.reshape(-1) >= 0.5)

@@ -1,23 +1,31 @@
-"""Settings of a benchmark run: one dataclass, loadable from YAML, every field also a CLI flag.
+"""Settings of a benchmark run: the federation's own config plus what only the benchmark needs.
 
-``anomalib_feddymem/configs/benchmark/*.yaml`` hold the keys of :class:`BenchmarkConfig`. The federation-shaped
-fields (clients, partition, alpha, rounds, ...) mean exactly what they mean for
-:class:`~anomalib_feddymem.federation.config.FederationConfig`, which
-:meth:`BenchmarkConfig.federation` builds for every FedDyMem run.
+``anomalib_feddymem/configs/benchmark/*.yaml`` hold a ``federation:`` mapping (the keys of
+:class:`~anomalib_feddymem.federation.config.FederationConfig`: data, clients, partition, rounds,
+image size, ``model`` options ...) and the benchmark's own keys (methods, Patchcore options,
+timing, ablations, frontier). Every FedDyMem run of a benchmark is that federation config with
+its own output folder (:meth:`BenchmarkConfig.run_config`).
+
+Configs written before ``federation:`` existed gave those keys at the top level; they still load
+(:data:`FEDERATION_KEYS` are moved under ``federation:``, with a logged note).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 
-from anomalib_feddymem.federation.config import FederationConfig, load_dataclass_config
-from anomalib_feddymem.federation.partition import SCHEMES
+from anomalib_feddymem.federation.config import FederationConfig, resolve_config_path
 
-__all__ = ["ABLATIONS", "METHODS", "BenchmarkConfig", "load_benchmark_config"]
+__all__ = ["ABLATIONS", "FEDERATION_KEYS", "METHODS", "BenchmarkConfig", "load_benchmark_config"]
+
+logger = logging.getLogger(__name__)
 
 #: Every method the benchmark compares, in table order.
 METHODS = (
@@ -42,6 +50,24 @@ ABLATIONS = (
 )
 #: FedDyMem options the benchmark shares with Patchcore (same backbone, layers and weights).
 SHARED_BACKBONE_OPTIONS = ("backbone", "layers", "pre_trained")
+#: Keys of :class:`FederationConfig`: under ``federation:`` in a benchmark YAML (or, in older
+#: configs, at its top level).
+FEDERATION_KEYS = tuple(f.name for f in dataclasses.fields(FederationConfig))
+#: How a benchmark's federation differs from :class:`FederationConfig`'s own defaults.
+BENCHMARK_FEDERATION_DEFAULTS: dict[str, Any] = {
+    "clients": 4,
+    "output": "outputs/benchmark",
+    "min_clients": 1,
+    "evaluation": "none",  # the benchmark scores the final models per dataset itself
+    "progress": False,
+}
+
+#: What every FedDyMem run of a benchmark needs whatever ``federation`` says.
+BENCHMARK_RUN_SETTINGS = {"min_clients": 1, "evaluation": "none", "progress": False}
+
+
+def _default_federation() -> FederationConfig:
+    return FederationConfig(**BENCHMARK_FEDERATION_DEFAULTS)
 
 
 def _default_frontier() -> dict[str, Any]:
@@ -64,22 +90,12 @@ class BenchmarkConfig:
     """Everything a benchmark run depends on.
 
     Attributes:
-        data_root: Folder of MVTec-layout dataset folders; ``None`` generates the embedded
-            synthetic products under ``output/data/synthetic``.
-        datasets: Dataset folder names (or synthetic product names); missing folders are skipped
-            with a warning.
-        clients: Clients ``N`` of the federated and local methods.
-        partition: Partition scheme of the training images (``dirichlet`` is non-IID).
-        alpha: Dirichlet concentration.
-        rounds: Communication rounds ``R`` of FedDyMem (central FedDyMem trains as long:
-            ``R`` rounds of one client).
-        local_epochs: Local epochs per round.
-        seed: Seed of partition, models, training, aggregation and coresets.
-        output: Output folder (results.csv, results.md, plots, runs/).
-        image_size: Square input size of every method.
-        batch_size: Train and eval batch size.
+        federation: The federation every FedDyMem run starts from, and the data, partition, seed
+            and image size of every method (``federation.output`` is the benchmark's output
+            folder: results.csv, results.md, plots, runs/). ``rounds`` also sets how long central
+            FedDyMem trains (``R`` rounds of one client); ``model`` holds FedDyMem options, of
+            which ``backbone``, ``layers`` and ``pre_trained`` are also Patchcore's.
         methods: Methods to run (a subset of :data:`METHODS`).
-        model: FedDyMem options (``backbone``, ``layers`` and ``pre_trained`` are also Patchcore's).
         patchcore: Further Patchcore options (``coreset_sampling_ratio``, ``num_neighbors``).
         server_coreset_ratio: patchcore_federated: fraction of the union of the clients' coresets
             that the server keeps (a k-center greedy coreset of the union).
@@ -87,8 +103,6 @@ class BenchmarkConfig:
         timing_images: Test images (of each dataset) every model is timed on, one at a time.
         timing_threads: CPU threads of torch and OpenVINO while timing (1: stable on a shared CPU).
         heatmap_images: Test images per dataset shown in the heatmap figure.
-        accelerator: Lightning accelerator of training (evaluation and timing run on the CPU).
-        synthetic: Size of the generated data when ``data_root`` is ``None``.
         ablation: ``variants`` (names of :data:`ABLATIONS`) and the sweeps' values
             (``reduce_ratios``, ``global_memory_sizes``, ``embedding_dims``, ``upload_precisions``,
             ``alphas``).
@@ -96,50 +110,32 @@ class BenchmarkConfig:
             federated Patchcore's ``coreset_ratios``.
     """
 
-    data_root: str | None = None
-    datasets: list[str] = field(default_factory=lambda: ["stripes", "checker", "disc", "grain"])
-    clients: int = 4
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    rounds: int = 3
-    local_epochs: int = 1
-    seed: int = 0
-    output: str = "outputs/benchmark"
-    image_size: int = 128
-    batch_size: int = 8
+    federation: FederationConfig = field(default_factory=_default_federation)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    model: dict[str, Any] = field(default_factory=dict)
     patchcore: dict[str, Any] = field(default_factory=lambda: {"coreset_sampling_ratio": 0.1, "num_neighbors": 9})
     server_coreset_ratio: float = 0.1
     openvino: bool = True
     timing_images: int = 8
     timing_threads: int = 1
     heatmap_images: int = 3
-    accelerator: str = "auto"
-    synthetic: dict[str, int] = field(default_factory=lambda: {"train_per_product": 12})
     ablation: dict[str, Any] = field(default_factory=_default_ablation)
     frontier: dict[str, Any] = field(default_factory=_default_frontier)
 
     def __post_init__(self) -> None:
         """Normalise and check every option, naming the bad one."""
-        if isinstance(self.datasets, str):
-            self.datasets = [name.strip() for name in self.datasets.split(",") if name.strip()]
+        if isinstance(self.federation, Mapping):
+            self.federation = FederationConfig(**{**BENCHMARK_FEDERATION_DEFAULTS, **self.federation})
+        if not isinstance(self.federation, FederationConfig):
+            msg = f"federation must be a mapping of FederationConfig keys, got {type(self.federation).__name__}."
+            raise ValueError(msg)
         if isinstance(self.methods, str):
             self.methods = [name.strip() for name in self.methods.split(",") if name.strip()]
-        self.datasets, self.methods = list(self.datasets), list(self.methods)
-        if self.data_root in ("", None):
-            self.data_root = None
-        if not self.datasets:
-            msg = "datasets must name at least one dataset folder."
-            raise ValueError(msg)
+        self.methods = list(self.methods)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             msg = f"methods: unknown {unknown or '(none given)'}; choose from {list(METHODS)}."
             raise ValueError(msg)
-        if self.partition not in SCHEMES:
-            msg = f"partition must be one of {list(SCHEMES)}, got {self.partition!r}."
-            raise ValueError(msg)
-        for name in ("clients", "rounds", "local_epochs", "image_size", "batch_size", "timing_images", "timing_threads"):
+        for name in ("timing_images", "timing_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 msg = f"{name} must be an integer >= 1, got {value!r}."
@@ -174,56 +170,63 @@ class BenchmarkConfig:
             msg = f"frontier.reduce_ratios must be >= 1, got {self.frontier['reduce_ratios']}."
             raise ValueError(msg)
 
-    @property
-    def output_dir(self) -> Path:
-        """``output`` as a path."""
-        return Path(self.output)
-
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (YAML/JSON)."""
+        """Plain dict (YAML/JSON), ``federation`` as a nested mapping."""
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> BenchmarkConfig:  # noqa: ANN401
-        """A copy with ``changes`` (``None`` values are ignored: unset CLI flags)."""
-        return dataclasses.replace(self, **{key: value for key, value in changes.items() if value is not None})
+        """A copy with ``changes``: keys of :data:`FEDERATION_KEYS` go to ``federation``.
+
+        ``None`` values are ignored (unset CLI flags); ``model`` options are merged key by key.
+        """
+        changes = {key: value for key, value in changes.items() if value is not None}
+        federation = {key: changes.pop(key) for key in list(changes) if key in FEDERATION_KEYS}
+        if "model" in federation:
+            federation["model"] = {**self.federation.model, **federation["model"]}
+        return dataclasses.replace(self, federation=self.federation.replace(**federation), **changes)
 
     def patchcore_options(self) -> dict[str, Any]:
         """Patchcore keyword arguments: FedDyMem's backbone, layers and weights (as the FedDyMem
-        models get them: ``model`` or FedDyMem's defaults) plus ``patchcore``."""
+        models get them: ``federation.model`` or FedDyMem's defaults) plus ``patchcore``."""
         from anomalib_feddymem.federation.runner import model_option
 
-        shared = {key: model_option(self, key) for key in SHARED_BACKBONE_OPTIONS}  # duck-typed: reads .model
+        shared = {key: model_option(self.federation, key) for key in SHARED_BACKBONE_OPTIONS}
         return {**shared, **self.patchcore}
 
-    def federation(self, output: Path, **changes: Any) -> FederationConfig:  # noqa: ANN401
+    def run_config(self, output: Path, **changes: Any) -> FederationConfig:  # noqa: ANN401
         """The :class:`FederationConfig` of one FedDyMem run of this benchmark (``changes`` override)."""
-        values: dict[str, Any] = {
-            "data_root": self.data_root,
-            "datasets": list(self.datasets),
-            "clients": self.clients,
-            "partition": self.partition,
-            "alpha": self.alpha,
-            "rounds": self.rounds,
-            "local_epochs": self.local_epochs,
-            "seed": self.seed,
-            "output": str(output),
-            "image_size": self.image_size,
-            "batch_size": self.batch_size,
-            "min_clients": 1,
-            "evaluation": "none",  # the benchmark scores the final models per dataset itself
-            "progress": False,
-            "accelerator": self.accelerator,
-            "model": dict(self.model),
-        }
-        values.update(changes)
-        return FederationConfig(**values)
+        return self.federation.replace(**{**BENCHMARK_RUN_SETTINGS, **changes, "output": str(output)})
 
 
 def load_benchmark_config(path: str | Path | None = None, **overrides: Any) -> BenchmarkConfig:  # noqa: ANN401
-    """Read a YAML config (keys of :class:`BenchmarkConfig`) and apply non-``None`` overrides.
+    """Read a YAML config and apply non-``None`` overrides (federation keys go to ``federation``).
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: an unknown key or a bad value, naming the file.
     """
-    return load_dataclass_config(BenchmarkConfig, path, **overrides)
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = resolve_config_path(path)
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            msg = f"{path}: expected a mapping of options at the top level."
+            raise ValueError(msg)
+        known = {f.name for f in dataclasses.fields(BenchmarkConfig)} | set(FEDERATION_KEYS)
+        unknown = sorted(set(loaded) - known)
+        if unknown:
+            msg = f"{path}: unknown option(s) {unknown}; known: {sorted(known)}."
+            raise ValueError(msg)
+        federation = dict(loaded.pop("federation", None) or {})
+        moved = [key for key in FEDERATION_KEYS if key in loaded]
+        if moved:
+            logger.info("%s: top-level %s read as federation.%s (they live under `federation:` now).",
+                        path, moved, "/".join(moved))  # fmt: skip
+            federation.update({key: loaded.pop(key) for key in moved})
+        values = {**loaded, "federation": federation}
+    try:
+        config = BenchmarkConfig(**values)
+        return config.replace(**overrides)
+    except (TypeError, ValueError) as error:
+        where = f"{path}: " if path is not None else ""
+        raise ValueError(f"{where}{error}") from error

@@ -206,7 +206,7 @@ def run_feddymem_federated(
     config: BenchmarkConfig, tests: Mapping[str, Any], *, name: str = "feddymem_federated", **changes: Any  # noqa: ANN401
 ) -> tuple[MethodRun, FederatedFedDyMem]:
     """FedDyMem over ``N`` non-IID clients; each dataset scored by the clients holding it."""
-    run = federate(config.federation(config.output_dir / "runs" / name, **changes))
+    run = federate(config.run_config(config.federation.output_dir / "runs" / name, **changes))
     models = {client.client_id: client.model for client in run.clients}
     scores = _score_by_holders(models, run.partitions, tests)
     fit = {dataset: run.fit_s for dataset in tests}
@@ -217,8 +217,8 @@ def run_feddymem_central(config: BenchmarkConfig, tests: Mapping[str, Any]) -> M
     """FedDyMem on each dataset's pooled training data: a one-client federation of ``R`` rounds."""
     scores, fit = {}, {}
     for dataset, module in tests.items():
-        output = config.output_dir / "runs" / "feddymem_central" / dataset
-        run = federate(config.federation(output, datasets=[dataset], clients=1, partition="iid"))
+        output = config.federation.output_dir / "runs" / "feddymem_central" / dataset
+        run = federate(config.run_config(output, datasets=[dataset], clients=1, partition="iid"))
         model = run.clients[0].model.cpu()
         scores[dataset] = DatasetScore(evaluate(model, module.test_dataloader()), [model])
         fit[dataset] = run.fit_s
@@ -228,14 +228,14 @@ def run_feddymem_central(config: BenchmarkConfig, tests: Mapping[str, Any]) -> M
 # ----------------------------------------------------------------------------------- Patchcore
 def train_patchcore(config: BenchmarkConfig, datamodule: Any, work_dir: Path) -> tuple[FastPatchcore, float]:  # noqa: ANN401
     """anomalib's Patchcore (fast exact coreset) fitted on ``datamodule``; returns it and its seconds."""
-    seed_everything(config.seed, verbose=False)
-    size = (config.image_size, config.image_size)
+    seed_everything(config.federation.seed, verbose=False)
+    size = (config.federation.image_size, config.federation.image_size)
     model = FastPatchcore(
         pre_processor=patchcore_pre_processor(size), evaluator=False, visualizer=False, **config.patchcore_options()
     )
     trainer = Trainer(
         **{**model.trainer_arguments, "devices": 1},
-        accelerator=config.accelerator,
+        accelerator=config.federation.accelerator,
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -253,7 +253,7 @@ def run_patchcore_central(config: BenchmarkConfig, tests: Mapping[str, Any]) -> 
     """One Patchcore per dataset on its pooled training data."""
     scores, fit = {}, {}
     for dataset, module in tests.items():
-        model, fit[dataset] = train_patchcore(config, module, config.output_dir / "runs" / "patchcore_central" / dataset)
+        model, fit[dataset] = train_patchcore(config, module, config.federation.output_dir / "runs" / "patchcore_central" / dataset)
         scores[dataset] = DatasetScore(evaluate(model, module.test_dataloader()), [model])
     return MethodRun("patchcore_central", scores, fit)
 
@@ -267,7 +267,7 @@ def run_patchcore_local(
     """Each client's own Patchcore on its own data, tested on its own products' test images."""
     models, seconds = {}, 0.0
     for part, module in zip(partitions, client_modules, strict=True):
-        work_dir = config.output_dir / "runs" / "patchcore_local" / f"client_{part.client_id}"
+        work_dir = config.federation.output_dir / "runs" / "patchcore_local" / f"client_{part.client_id}"
         models[part.client_id], fit = train_patchcore(config, module, work_dir)
         seconds += fit
     scores = _score_by_holders(models, partitions, tests)
@@ -290,7 +290,7 @@ def run_patchcore_federated(
     upload_bytes = {cid: float(record_nbytes(record)) for cid, record in uploads.items()}
     start = time.perf_counter()
     union = torch.cat([torch.from_numpy(decode_memory(record)[0]) for record in uploads.values()])
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.federation.seed)
     global_bank = FastKCenterGreedy(union, config.server_coreset_ratio).sample_coreset()
     server_s = time.perf_counter() - start
     model = copy.deepcopy(next(iter(local_models.values())))

@@ -38,7 +38,13 @@ from .methods import (
     run_patchcore_federated,
     run_patchcore_local,
 )
-from .timing import compile_openvino, openvino_ms_per_image, timing_images, torch_ms_per_image
+from .timing import (
+    backbone_ms_per_image,
+    compile_openvino,
+    openvino_ms_per_image,
+    timing_images,
+    torch_ms_per_image,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,21 +72,21 @@ def resolve_datasets(config: BenchmarkConfig) -> BenchmarkConfig | None:
 
     Without ``data_root`` the embedded synthetic products are generated under ``output/data``.
     """
-    if config.data_root is None:
-        root = config.output_dir / "data" / "synthetic"
-        generate_synthetic_dataset(root, config.datasets, image_size=config.image_size, seed=config.seed,
-                                   **config.synthetic)
+    if config.federation.data_root is None:
+        root = config.federation.output_dir / "data" / "synthetic"
+        generate_synthetic_dataset(root, config.federation.datasets, image_size=config.federation.image_size, seed=config.federation.seed,
+                                   **config.federation.synthetic)
         return config.replace(data_root=str(root))
-    root = Path(config.data_root)
+    root = Path(config.federation.data_root)
     if not root.is_dir():
         logger.warning("Skipping the benchmark: data root %s not found.", root)
         return None
-    present = [name for name in config.datasets if (root / name).is_dir()]
-    missing = [name for name in config.datasets if name not in present]
+    present = [name for name in config.federation.datasets if (root / name).is_dir()]
+    missing = [name for name in config.federation.datasets if name not in present]
     if missing:
         logger.warning("Skipping dataset folder(s) not found under %s: %s.", root, ", ".join(missing))
     if not present:
-        logger.warning("Skipping the benchmark: none of %s is a folder of %s.", config.datasets, root)
+        logger.warning("Skipping the benchmark: none of %s is a folder of %s.", config.federation.datasets, root)
         return None
     return config.replace(datasets=present)
 
@@ -90,17 +96,20 @@ def _time_models(config: BenchmarkConfig, runs: dict[str, MethodRun], tests: dic
     compiled: dict[int, Any] = {}
     timings: dict[tuple[str, str], dict] = {}
     for dataset, module in tests.items():
-        images = timing_images(module, config.timing_images, config.image_size)
+        images = timing_images(module, config.timing_images, config.federation.image_size)
         for method, run in runs.items():
             model = run.scores[dataset].models[0]
             entry = {
                 "infer_ms_per_image": torch_ms_per_image(model, images, config.timing_threads),
                 "infer_ms_per_image_openvino": None,
+                "backbone_ms_per_image": None,
             }
+            if method.startswith("feddymem"):
+                entry["backbone_ms_per_image"] = backbone_ms_per_image(model, images, config.timing_threads)
             if config.openvino and method.startswith("feddymem"):
                 if id(model) not in compiled:
-                    export_root = config.output_dir / "exports" / method / dataset
-                    compiled[id(model)] = compile_openvino(model, export_root, config.image_size, config.timing_threads)
+                    export_root = config.federation.output_dir / "exports" / method / dataset
+                    compiled[id(model)] = compile_openvino(model, export_root, config.federation.image_size, config.timing_threads)
                 entry["infer_ms_per_image_openvino"] = openvino_ms_per_image(compiled[id(model)], images)
             timings[method, dataset] = entry
     return timings
@@ -127,21 +136,21 @@ def _heatmaps(config: BenchmarkConfig, runs: dict[str, MethodRun], tests: dict[s
             batch = model.pre_processor.transform(image[order]) if model.pre_processor else image[order]
             anomaly_map = model.model(batch).anomaly_map
             maps[method] = anomaly_map.reshape(len(order), *anomaly_map.shape[-2:]).float().numpy()
-        path = config.output_dir / f"heatmaps_{dataset}.png"
+        path = config.federation.output_dir / f"heatmaps_{dataset}.png"
         report.plot_heatmaps(image[order].numpy(), mask, maps, path, f"{dataset}: anomaly maps (raw scores)")
         paths.append(path)
     return paths
 
 
 def _preamble(config: BenchmarkConfig, command: str | None) -> str:
-    model = ", ".join(f"{k}={v}" for k, v in sorted(config.model.items())) or "defaults"
+    model = ", ".join(f"{k}={v}" for k, v in sorted(config.federation.model.items())) or "defaults"
     pc = ", ".join(f"{k}={v}" for k, v in sorted(config.patchcore_options().items()))
     return f"""
 Command: `{command or "run_benchmark(config)"}`
 
-Data: `{config.data_root}` datasets {", ".join(config.datasets)}; {config.clients} clients, partition
-{config.partition} (alpha {config.alpha}), {config.rounds} round(s) of {config.local_epochs} local epoch(s),
-seed {config.seed}, {config.image_size} px for every method. FedDyMem options: {model}. Patchcore
+Data: `{config.federation.data_root}` datasets {", ".join(config.federation.datasets)}; {config.federation.clients} clients, partition
+{config.federation.partition} (alpha {config.federation.alpha}), {config.federation.rounds} round(s) of {config.federation.local_epochs} local epoch(s),
+seed {config.federation.seed}, {config.federation.image_size} px for every method. FedDyMem options: {model}. Patchcore
 (anomalib's, exact fast coreset): {pc}; patchcore_federated server keeps a coreset of
 {config.server_coreset_ratio:g} of the union of the clients' coresets.
 
@@ -173,14 +182,14 @@ def run_benchmark(
     if resolved is None:
         return None
     config = resolved
-    output = config.output_dir
+    output = config.federation.output_dir
     output.mkdir(parents=True, exist_ok=True)
     (output / "benchmark_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    partition_config = config.federation(output / "runs" / "feddymem_federated")
+    partition_config = config.run_config(output / "runs" / "feddymem_federated")
     products, partitions, client_modules = build_partition(partition_config, save=False)
-    save_partition_summary(partitions, output, scheme=config.partition, alpha=config.alpha, seed=config.seed,
+    save_partition_summary(partitions, output, scheme=config.federation.partition, alpha=config.federation.alpha, seed=config.federation.seed,
                            print_table=False)
-    tests = dataset_datamodules(products, image_size=config.image_size, batch_size=config.batch_size, seed=config.seed)
+    tests = dataset_datamodules(products, image_size=config.federation.image_size, batch_size=config.federation.batch_size, seed=config.federation.seed)
 
     runs: dict[str, MethodRun] = {}
     result = BenchmarkResult(output=output, rows=[], runs=runs, config=config)
@@ -262,15 +271,15 @@ def run_frontier(
     from anomalib_feddymem.federation.runner import model_option
 
     rows = []
-    default_ratio = float(model_option(config, "reduce_ratio"))
+    default_ratio = float(model_option(config.federation, "reduce_ratio"))
     for ratio in config.frontier["reduce_ratios"]:
         run = done.runs.get("feddymem_federated") if float(ratio) == default_ratio else None
         if run is None:
             logger.info("Frontier: FedDyMem at reduce_ratio %s.", ratio)
             run, _ = run_feddymem_federated(
-                config, tests, name=f"frontier_reduce_{ratio}", model={**config.model, "reduce_ratio": float(ratio)}
+                config, tests, name=f"frontier_reduce_{ratio}", model={**config.federation.model, "reduce_ratio": float(ratio)}
             )
-        rows.append(_frontier_row("feddymem_federated", f"reduce_ratio={ratio}", run, config.rounds))
+        rows.append(_frontier_row("feddymem_federated", f"reduce_ratio={ratio}", run, config.federation.rounds))
     default_coreset = float(config.patchcore.get("coreset_sampling_ratio", 0.1))
     for ratio in config.frontier["coreset_ratios"]:
         run = done.runs.get("patchcore_federated") if float(ratio) == default_coreset else None
@@ -278,18 +287,18 @@ def run_frontier(
             logger.info("Frontier: naive federated Patchcore at coreset ratio %s.", ratio)
             swept = config.replace(
                 patchcore={**config.patchcore, "coreset_sampling_ratio": float(ratio)},
-                output=str(config.output_dir / "runs" / f"frontier_coreset_{ratio}"),
+                output=str(config.federation.output_dir / "runs" / f"frontier_coreset_{ratio}"),
             )
             local, models = run_patchcore_local(swept, client_modules, partitions, tests)
             run, _ = run_patchcore_federated(swept, models, next(iter(local.fit_s.values())), tests)
         rows.append(_frontier_row("patchcore_federated", f"coreset_ratio={ratio}", run, 1))
     preamble = (
-        f"Mean image / pixel AUROC over {', '.join(tests)} ({config.clients} clients, {config.partition} alpha "
-        f"{config.alpha}, {config.image_size} px, seed {config.seed}) against the bytes one client uploads over the "
-        f"whole run (mean over clients): FedDyMem sends its reduced memory in each of its {config.rounds} rounds, "
+        f"Mean image / pixel AUROC over {', '.join(tests)} ({config.federation.clients} clients, {config.federation.partition} alpha "
+        f"{config.federation.alpha}, {config.federation.image_size} px, seed {config.federation.seed}) against the bytes one client uploads over the "
+        f"whole run (mean over clients): FedDyMem sends its reduced memory in each of its {config.federation.rounds} rounds, "
         "naive federated Patchcore its coreset once."
     )
-    report.write_frontier(rows, config.output_dir, preamble)
+    report.write_frontier(rows, config.federation.output_dir, preamble)
     return rows
 
 
@@ -298,14 +307,14 @@ def _ablation_changes(config: BenchmarkConfig) -> list[tuple[str, str, dict[str,
     from anomalib_feddymem.federation.runner import model_option
 
     def model(**options: Any) -> dict[str, Any]:  # noqa: ANN401
-        return {"model": {**config.model, **options}}
+        return {"model": {**config.federation.model, **options}}
 
     variants: list[tuple[str, str, dict[str, Any]]] = []
     for name in config.ablation["variants"]:
         if name == "no_generator":
             variants.append((name, "use_generator=False", model(use_generator=False)))
         elif name == "metric_loss":  # the other setting than the run's (the loss is off by default)
-            flipped = not bool(model_option(config, "use_metric_loss"))
+            flipped = not bool(model_option(config.federation, "use_metric_loss"))
             variants.append((name, f"use_metric_loss={flipped}", model(use_metric_loss=flipped)))
         elif name == "no_growth":
             variants.append((name, "grow_global_memory=False", model(grow_global_memory=False)))
@@ -350,14 +359,14 @@ def run_ablations(
         if resolved is None:
             return []
         config = resolved
-        products, _, _ = build_partition(config.federation(config.output_dir / "runs" / "feddymem_federated"), save=False)
-        tests = dataset_datamodules(products, image_size=config.image_size, batch_size=config.batch_size, seed=config.seed)
-    full_settings = (config.alpha, sorted(config.model.items()))
+        products, _, _ = build_partition(config.run_config(config.federation.output_dir / "runs" / "feddymem_federated"), save=False)
+        tests = dataset_datamodules(products, image_size=config.federation.image_size, batch_size=config.federation.batch_size, seed=config.federation.seed)
+    full_settings = (config.federation.alpha, sorted(config.federation.model.items()))
     if baseline is None:
         baseline, _ = run_feddymem_federated(config, tests)
     rows = [_summary("full", "defaults", baseline)]
     for ablation, value, changes in _ablation_changes(config):
-        settings = (changes.get("alpha", config.alpha), sorted(changes.get("model", config.model).items()))
+        settings = (changes.get("alpha", config.federation.alpha), sorted(changes.get("model", config.federation.model).items()))
         if settings == full_settings:
             run = baseline
         else:
@@ -366,13 +375,13 @@ def run_ablations(
             run, _ = run_feddymem_federated(config, tests, name=name, **changes)
         rows.append(_summary(ablation, value, run))
     preamble = (
-        f"Federated FedDyMem on {', '.join(config.datasets)} ({config.data_root}), {config.clients} clients, "
-        f"{config.partition} alpha {config.alpha} unless swept, {config.rounds} round(s), {config.image_size} px, "
-        f"seed {config.seed}; FedDyMem options {config.model or 'defaults'} unless changed. AUROCs: mean over "
+        f"Federated FedDyMem on {', '.join(config.federation.datasets)} ({config.federation.data_root}), {config.federation.clients} clients, "
+        f"{config.federation.partition} alpha {config.federation.alpha} unless swept, {config.federation.rounds} round(s), {config.federation.image_size} px, "
+        f"seed {config.federation.seed}; FedDyMem options {config.federation.model or 'defaults'} unless changed. AUROCs: mean over "
         "datasets of the rank-based AUROC (per dataset: mean over the clients holding it). "
         "upload_bytes_per_round: serialized bytes per client per round."
     )
-    report.write_ablations(rows, config.output_dir, preamble)
+    report.write_ablations(rows, config.federation.output_dir, preamble)
     return rows
 
 

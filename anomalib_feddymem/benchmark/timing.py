@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "backbone_ms_per_image",
     "compile_openvino",
     "median_ms",
     "openvino_ms_per_image",
@@ -80,6 +81,19 @@ def torch_ms_per_image(module: torch.nn.Module, images: torch.Tensor, threads: i
     module = module.cpu().eval()
     with torch_threads(threads):
         return median_ms(module, images)
+
+
+@torch.no_grad()
+def backbone_ms_per_image(module: torch.nn.Module, images: torch.Tensor, threads: int = 1) -> float:
+    """Median ms per image of the backbone's forward pass alone (on pre-processed images).
+
+    What a memory-bank model cannot go below: the rest of its forward pass is the memory search
+    and the anomaly map.
+    """
+    module = module.cpu().eval()
+    inputs = module.pre_processor.transform(images) if module.pre_processor else images
+    with torch_threads(threads):
+        return median_ms(module.model.feature_extractor, inputs)
 
 
 def compile_openvino(module: Any, export_root: str | Path, image_size: int, threads: int = 1) -> Any:  # noqa: ANN401
