@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 export MALLOC_MMAP_THRESHOLD_ ?= 131072
 
-.PHONY: venv test demo demo-real benchmark clean
+.PHONY: venv test lint demo demo-real benchmark clean
 
 venv: $(STAMP)
 
@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
-test: venv
+test: venv lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# anomalib's ruff rule set (pyproject.toml); part of `make test`, so CI runs it.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Federated FedDyMem on the embedded synthetic dataset (generated, no download, no network).
 demo: venv
@@ -34,7 +39,7 @@ demo-real: venv
 
 # FedDyMem vs Patchcore on the real folders (long: about an hour or more on 2 CPU cores).
 benchmark: venv
-	$(VENV)/bin/feddymem benchmark --config anomalib_feddymem/configs/benchmark/shared_data.yaml --data-root $(DATA_ROOT) --output $(OUTPUT)/benchmark
+	$(VENV)/bin/feddymem benchmark --config benchmark/shared_data.yaml --data-root $(DATA_ROOT) --output $(OUTPUT)/benchmark
 
 clean:
 	rm -rf $(VENV) $(OUTPUT) .pytest_cache

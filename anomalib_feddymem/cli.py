@@ -1,4 +1,4 @@
-"""``feddymem``: the command line of anomalib-feddymem.
+r"""``feddymem``: the command line of anomalib-feddymem.
 
 One small function per subcommand (``add_<name>_parser`` builds its arguments, ``run_<name>``
 runs it) registered in :data:`SUBCOMMANDS`, so a new subcommand is one pair of functions.
@@ -18,11 +18,13 @@ import argparse
 import logging
 import sys
 import warnings
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
@@ -75,8 +77,20 @@ def _config_from_args(args: argparse.Namespace) -> Any:  # noqa: ANN401 - Federa
 
     overrides = {
         key: getattr(args, key, None)
-        for key in ("data_root", "datasets", "clients", "partition", "alpha", "rounds", "local_epochs", "seed",
-                    "output", "image_size", "min_clients", "batch_size")
+        for key in (
+            "data_root",
+            "datasets",
+            "clients",
+            "partition",
+            "alpha",
+            "rounds",
+            "local_epochs",
+            "seed",
+            "output",
+            "image_size",
+            "min_clients",
+            "batch_size",
+        )
     }
     if getattr(args, "export_openvino", False):
         overrides["export_openvino"] = True
@@ -87,7 +101,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:  # noqa: ANN401 - Federa
 
 
 # ------------------------------------------------------------------------------------ simulate
-def add_simulate_parser(subparsers: Any) -> None:  # noqa: ANN401
+def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
     """``feddymem simulate``: the in-process federation."""
     parser = subparsers.add_parser("simulate", help="Run a federation in this process (embedded default).")
     _add_federation_flags(parser)
@@ -95,8 +109,13 @@ def add_simulate_parser(subparsers: Any) -> None:  # noqa: ANN401
     parser.add_argument("--local-epochs", type=int, help="Local epochs per round.")
     parser.add_argument("--min-clients", type=int, help="Fewest valid uploads that complete a round.")
     parser.add_argument("--batch-size", type=int, help="Train/eval batch size.")
-    parser.add_argument("--model", action="append", type=_model_option, metavar="KEY=VALUE",
-                        help="A FedDyMem option, e.g. --model memory_size=512 (repeatable).")
+    parser.add_argument(
+        "--model",
+        action="append",
+        type=_model_option,
+        metavar="KEY=VALUE",
+        help="A FedDyMem option, e.g. --model memory_size=512 (repeatable).",
+    )
     parser.add_argument("--resume", action="store_true", help="Continue the run in --output from its checkpoint.")
     parser.add_argument("--export-openvino", action="store_true", help="Export every client's final model.")
     parser.add_argument("--no-progress", action="store_true", help="No Lightning progress bars.")
@@ -113,7 +132,7 @@ def run_simulate(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------- partition
-def add_partition_parser(subparsers: Any) -> None:  # noqa: ANN401
+def add_partition_parser(subparsers: argparse._SubParsersAction) -> None:
     """``feddymem partition``: print and save who holds what, without training."""
     parser = subparsers.add_parser("partition", help="Show (and save) the partition of a config.")
     _add_federation_flags(parser)
@@ -130,7 +149,7 @@ def run_partition(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- demo
-def add_demo_parser(subparsers: Any) -> None:  # noqa: ANN401
+def add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     """``feddymem demo``: a small federation on the embedded data, or on ``--data-root``."""
     parser = subparsers.add_parser("demo", help="A small federation (synthetic data, or --data-root folders).")
     parser.add_argument("--output", default="outputs/demo", help="Output folder (a previous demo there is replaced).")
@@ -222,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------------- benchmark
-def add_benchmark_parser(subparsers: Any) -> None:  # noqa: ANN401
+def add_benchmark_parser(subparsers: argparse._SubParsersAction) -> None:
     """``feddymem benchmark``: FedDyMem against Patchcore (see :mod:`anomalib_feddymem.benchmark`)."""
     parser = subparsers.add_parser("benchmark", help="FedDyMem vs Patchcore: tables, plots, ablations.")
     _add_federation_flags(parser)
@@ -230,11 +249,19 @@ def add_benchmark_parser(subparsers: Any) -> None:  # noqa: ANN401
     parser.add_argument("--local-epochs", type=int, help="Local epochs per round.")
     parser.add_argument("--batch-size", type=int, help="Train/eval batch size.")
     parser.add_argument("--methods", help="Comma-separated subset of the compared methods.")
-    parser.add_argument("--model", action="append", type=_model_option, metavar="KEY=VALUE",
-                        help="A FedDyMem option, e.g. --model reduce_ratio=16 (repeatable).")
+    parser.add_argument(
+        "--model",
+        action="append",
+        type=_model_option,
+        metavar="KEY=VALUE",
+        help="A FedDyMem option, e.g. --model reduce_ratio=16 (repeatable).",
+    )
     parser.add_argument("--ablations", action="store_true", help="Also run the ablations (ablations.csv/md).")
-    parser.add_argument("--frontier", action="store_true",
-                        help="Also run every federated method at several upload budgets (frontier.csv/md).")
+    parser.add_argument(
+        "--frontier",
+        action="store_true",
+        help="Also run every federated method at several upload budgets (frontier.csv/md).",
+    )
     parser.add_argument("--no-openvino", action="store_true", help="Skip the OpenVINO export and timing.")
 
 
@@ -242,13 +269,27 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     """Build the benchmark config from ``--config`` and flags and run it."""
     from anomalib_feddymem.benchmark import load_benchmark_config, run_benchmark
 
-    keys = ("data_root", "datasets", "clients", "partition", "alpha", "rounds", "local_epochs", "seed", "output",
-            "image_size", "batch_size", "methods")
+    keys = (
+        "data_root",
+        "datasets",
+        "clients",
+        "partition",
+        "alpha",
+        "rounds",
+        "local_epochs",
+        "seed",
+        "output",
+        "image_size",
+        "batch_size",
+        "methods",
+    )
     overrides = {key: getattr(args, key) for key in keys}
     overrides["openvino"] = False if args.no_openvino else None
     overrides["model"] = dict(args.model or [])
     config = load_benchmark_config(args.config, **overrides)
-    result = run_benchmark(config, ablations=args.ablations, frontier=args.frontier, command=" ".join(["feddymem", *sys.argv[1:]]))
+    result = run_benchmark(
+        config, ablations=args.ablations, frontier=args.frontier, command=" ".join(["feddymem", *sys.argv[1:]])
+    )
     if result is None:
         print("Skipped the benchmark: no dataset folder found (see the warning above).")
         return 0

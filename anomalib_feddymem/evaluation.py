@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F  # noqa: N812 - torch's and anomalib's convention
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 __all__ = ["EvaluationResult", "Predictions", "evaluate", "evaluate_pooled", "predict", "rank_auroc"]
 

@@ -1,4 +1,4 @@
-"""Seconds and peak memory of the server's aggregation for 4, 16 and 100 clients.
+r"""Seconds and peak memory of the server's aggregation for 4, 16 and 100 clients.
 
 Every client uploads ``--items`` reduced memory items of dimension ``--dim`` (drawn around
 ``--modes`` random modes, like real uploads, which cluster by product and texture); the server
@@ -11,7 +11,7 @@ smallest client count, for a ratio measured in the same run.
 
 Usage::
 
-    MALLOC_MMAP_THRESHOLD_=131072 .venv/bin/python benchmarks/bench_aggregation.py \\
+    MALLOC_MMAP_THRESHOLD_=131072 .venv/bin/python benchmarks/bench_aggregation.py \
         --clients 4,16,100 --items 4096 --size 4096 --dim 152 --methods kcenter,kmeans --reference
 """
 
@@ -47,9 +47,8 @@ def _measure(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from sklearn.cluster import KMeans
-
     from anomalib_feddymem.models.feddymem.memory import aggregate_memories
+    from sklearn.cluster import KMeans
 
     uploads = _uploads(args.clients_one, args.items, args.dim, args.modes, args.seed)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # after imports and uploads
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     for count, method in jobs:
         child = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])]
         child += ["--clients-one", str(count), "--method", method]
-        done = subprocess.run(child, capture_output=True, text=True, check=False)
+        done = subprocess.run(child, capture_output=True, text=True, check=False)  # noqa: S603 - our own script
         if done.returncode != 0:
             print(done.stderr[-2000:], file=sys.stderr)
             return done.returncode

@@ -1,4 +1,4 @@
-"""Time anomalib's KCenterGreedy against FastKCenterGreedy on realistic PatchCore embeddings.
+r"""Time anomalib's KCenterGreedy against FastKCenterGreedy on realistic PatchCore embeddings.
 
 The embedding is the one Patchcore stores when it trains (EfficientNet-Lite0, blocks.2+blocks.4,
 256 px: 1024 patches x 152 features per image) of the images of ``--dataset``; without a dataset
@@ -9,7 +9,7 @@ both must be identical (greedy selection is sequential, so they are a prefix of 
 
 Usage::
 
-    MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/bench_coreset.py \\
+    MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/bench_coreset.py \
         --dataset ../shared/data/mvtec_bottle --ratio 0.1 --stock-iterations 100
 """
 
@@ -70,7 +70,6 @@ def _seed(seed: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the figures."""
     from anomalib.models.components.sampling import KCenterGreedy
-
     from anomalib_feddymem.models.components.sampling import FastKCenterGreedy
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         embedding = synthetic_embedding(args.num_points)
         source = "synthetic clustered embedding"
     n = embedding.shape[0]
-    print(f"{source}: {n} patches x {embedding.shape[1]} features, ratio {args.ratio}, torch threads {torch.get_num_threads()}")
+    print(
+        f"{source}: {n} patches x {embedding.shape[1]} features, ratio {args.ratio}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
 
     _seed(args.seed)
     start = time.perf_counter()
@@ -120,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     stock_full = setup_seconds + per_iteration * (coreset_size - 1)
 
     identical = stock_indices == fast_indices[:iterations]
-    print(f"anomalib KCenterGreedy: {stock_seconds:.1f} s for {iterations} iterations "
-          f"({per_iteration * 1000:.0f} ms/iteration, projection {setup_seconds:.1f} s)")
+    print(
+        f"anomalib KCenterGreedy: {stock_seconds:.1f} s for {iterations} iterations "
+        f"({per_iteration * 1000:.0f} ms/iteration, projection {setup_seconds:.1f} s)"
+    )
     print(f"anomalib KCenterGreedy, EXTRAPOLATED to {coreset_size} iterations: {stock_full:.0f} s")
     print(f"FastKCenterGreedy, measured, full coreset: {fast_seconds:.1f} s")
     print(f"speed-up (extrapolated / measured): {stock_full / fast_seconds:.1f}x")

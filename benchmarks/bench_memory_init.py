@@ -1,4 +1,4 @@
-"""How FedDyMem's local memory is initialised, measured: k-center coreset against k-means.
+r"""How FedDyMem's local memory is initialised, measured: k-center coreset against k-means.
 
 Isolates the memory from training: FedDyMem at its defaults with the *untrained* memory
 generator (its initial orthogonal projection of the backbone features), the local memory
@@ -8,7 +8,7 @@ set and the initialisation time, one line per variant.
 
 Usage::
 
-    MALLOC_MMAP_THRESHOLD_=131072 .venv/bin/python benchmarks/bench_memory_init.py \\
+    MALLOC_MMAP_THRESHOLD_=131072 .venv/bin/python benchmarks/bench_memory_init.py \
         --dataset ../shared/data/magnetic_tile --sizes 2048,8192 --methods kmeans,coreset
 """
 
@@ -35,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import torch
-
     from anomalib_feddymem import FedDyMem
     from anomalib_feddymem.data import folder_datamodule
     from anomalib_feddymem.evaluation import evaluate

@@ -19,7 +19,10 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["main"]
 
@@ -45,10 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from torch.nn import functional as F  # noqa: N812
-
     from anomalib_feddymem.models.feddymem.loss import MemoryMetricLoss
     from anomalib_feddymem.models.feddymem.memory import squared_distances
+    from torch.nn import functional as F  # noqa: N812
 
     torch.set_num_threads(args.threads)
     criterion = MemoryMetricLoss()
@@ -65,9 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         base = torch.randn(args.patches, args.dim, generator=generator)
         seconds = {}
         for name, loss in (("full top-k", full_topk), ("MemoryMetricLoss", criterion)):
-            embeddings = base.clone().requires_grad_(True)
+            embeddings = base.clone().requires_grad_(requires_grad=True)
 
-            def step(loss: Callable = loss, embeddings: torch.Tensor = embeddings) -> None:
+            def step(
+                loss: Callable = loss,
+                embeddings: torch.Tensor = embeddings,
+                memory: torch.Tensor = memory,
+            ) -> None:
                 embeddings.grad = None
                 loss(embeddings, memory).backward()
 

@@ -53,8 +53,8 @@ def _test_batch(dataset: Path, count: int, size: int) -> torch.Tensor:
 
 def _unmarked_copy(xml: Path, target: Path) -> Path:
     """The IR with the "precise" attributes removed (anomalib's plain export)."""
-    text = xml.read_text().replace('<attribute name="precise" version="0" />', "")
-    target.write_text(text)
+    text = xml.read_text(encoding="utf-8").replace('<attribute name="precise" version="0" />', "")
+    target.write_text(text, encoding="utf-8")
     shutil.copy(xml.with_suffix(".bin"), target.with_suffix(".bin"))
     return target
 
@@ -74,6 +74,7 @@ def _ms_per_image(compiled: object, images: np.ndarray, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Export FedDyMem to OpenVINO and print each IR's precision, score differences and speed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=Path, required=True, help="an MVTec-layout folder")
     parser.add_argument("--train-images", type=int, default=40)
@@ -88,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     from anomalib.data import Folder
     from anomalib.deploy import ExportType
     from anomalib.engine import Engine
-
     from anomalib_feddymem import FedDyMem
 
     with tempfile.TemporaryDirectory() as folder:
@@ -106,9 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             reference = model(images)
         core = ov.Core()
-        print(f"CPU: {core.get_property('CPU', 'FULL_DEVICE_NAME')}; capabilities {core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES')}")
-        print(f"{len(images)} test images, {args.train_images} training images, memory {tuple(model.model.memory.shape)}")
-        print(f"| IR, compile config | inference precision | max abs score diff | max abs map diff | ms / image |")
+        print(
+            f"CPU: {core.get_property('CPU', 'FULL_DEVICE_NAME')}; "
+            f"capabilities {core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES')}"
+        )
+        print(
+            f"{len(images)} test images, {args.train_images} training images, memory {tuple(model.model.memory.shape)}"
+        )
+        print("| IR, compile config | inference precision | max abs score diff | max abs map diff | ms / image |")
         print("|---|---|---|---|---|")
         runs = (
             ("FedDyMem IR, no config (default)", xml, {}),
@@ -119,9 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             compiled = core.compile_model(path, "CPU", config)
             outputs = _run(compiled, images.numpy())
             score = np.abs(outputs["pred_score"].reshape(-1) - reference.pred_score.numpy().reshape(-1)).max()
-            maps = np.abs(outputs["anomaly_map"].reshape(reference.anomaly_map.shape) - reference.anomaly_map.numpy()).max()
+            maps = np.abs(
+                outputs["anomaly_map"].reshape(reference.anomaly_map.shape) - reference.anomaly_map.numpy()
+            ).max()
             ms = _ms_per_image(compiled, images.numpy(), args.repeats)
-            print(f"| {label} | {compiled.get_property('INFERENCE_PRECISION_HINT')} | {score:.2e} | {maps:.2e} | {ms:.1f} |")
+            print(
+                f"| {label} | {compiled.get_property('INFERENCE_PRECISION_HINT')} | "
+                f"{score:.2e} | {maps:.2e} | {ms:.1f} |"
+            )
     return 0
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from anomalib.deploy import ExportType, OpenVINOInferencer
 from anomalib.engine import Engine
 from anomalib.visualization import visualize_image_item
-
 from anomalib_feddymem import FedDyMem
 
 
@@ -26,7 +25,9 @@ def main(checkpoint: Path, image: Path) -> None:
     xml = Engine().export(model, export_type=ExportType.OPENVINO, export_root=export_root)
     prediction = OpenVINOInferencer(path=xml, device="CPU").predict(image).items[0]
     print(f"{image.name}: score {float(prediction.pred_score):.3f}, anomalous: {bool(prediction.pred_label)}")
-    picture = visualize_image_item(prediction, fields=["image", "anomaly_map"], overlay_fields=[("image", ["anomaly_map"])])
+    picture = visualize_image_item(
+        prediction, fields=["image", "anomaly_map"], overlay_fields=[("image", ["anomaly_map"])]
+    )
     picture.save(export_root / f"{image.stem}_prediction.png")
 
 

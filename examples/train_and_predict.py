@@ -12,7 +12,6 @@ from pathlib import Path
 
 from anomalib.data import Folder
 from anomalib.engine import Engine
-
 from anomalib_feddymem import FedDyMem
 
 

@@ -10,13 +10,14 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-
 from anomalib_feddymem.data import generate_synthetic_dataset
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
@@ -112,7 +113,6 @@ def trained_tiny(synthetic_folder: Path, tmp_path_factory: pytest.TempPathFactor
         ``{"model", "engine", "datamodule", "ckpt_path", "root"}``.
     """
     from anomalib.engine import Engine
-
     from anomalib_feddymem import FedDyMem
     from anomalib_feddymem.data import folder_datamodule
 

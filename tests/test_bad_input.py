@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
-
 from anomalib_feddymem.data import DatasetFolderError, folder_datamodule, validate_dataset_folder
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 
 @pytest.fixture
@@ -23,8 +24,10 @@ def dataset_copy(synthetic_folder: Path, tmp_path: Path) -> Path:
 # ----------------------------------------------------------------------------- dataset folders
 def test_valid_folder_is_described(dataset_copy: Path) -> None:
     info = validate_dataset_folder(dataset_copy)
-    assert len(info.train_images) == 8 and len(info.test_good) == 3
-    assert sorted(info.defects) == ["blob", "scratch"] and info.has_masks
+    assert len(info.train_images) == 8
+    assert len(info.test_good) == 3
+    assert sorted(info.defects) == ["blob", "scratch"]
+    assert info.has_masks
 
 
 @pytest.mark.parametrize(
@@ -93,15 +96,21 @@ def test_dataset_errors_are_value_errors() -> None:
 # --------------------------------------------------------------------------------------- options
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("memory_size", 0), ("global_memory_size", 0), ("reduce_ratio", 0.5), ("local_epochs", 0), ("learning_rate", 0.0),
-     ("memory_init", "random")],
+    [
+        ("memory_size", 0),
+        ("global_memory_size", 0),
+        ("reduce_ratio", 0.5),
+        ("local_epochs", 0),
+        ("learning_rate", 0.0),
+        ("memory_init", "random"),
+    ],
 )
 def test_impossible_option_fails_before_anything_is_built(
     option: str, value: float, tiny_model_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from anomalib_feddymem.models.feddymem import lightning_model
 
-    def must_not_build(*args: Any, **kwargs: Any) -> None:  # noqa: ANN401
+    def must_not_build(*_args: Any, **_kwargs: Any) -> None:  # noqa: ANN401
         pytest.fail("the network was built before the options were checked")
 
     monkeypatch.setattr(lightning_model, "FedDyMemModel", must_not_build)
@@ -122,10 +131,26 @@ def test_cli_rejects_impossible_option(synthetic_folder: Path, tmp_path: Path, c
     """Through ``anomalib train`` the same error reaches the user, before any training."""
     result = cli(
         [
-            "anomalib", "train", "--model", "FedDyMem", "--model.memory_size", "0",
-            "--data", "anomalib.data.Folder", "--data.name", "stripes", "--data.root", synthetic_folder,
-            "--data.normal_dir", "train/good", "--data.abnormal_dir", "[test/blob]", "--data.num_workers", "0",
-            "--default_root_dir", tmp_path / "results",
+            "anomalib",
+            "train",
+            "--model",
+            "FedDyMem",
+            "--model.memory_size",
+            "0",
+            "--data",
+            "anomalib.data.Folder",
+            "--data.name",
+            "stripes",
+            "--data.root",
+            synthetic_folder,
+            "--data.normal_dir",
+            "train/good",
+            "--data.abnormal_dir",
+            "[test/blob]",
+            "--data.num_workers",
+            "0",
+            "--default_root_dir",
+            tmp_path / "results",
         ],
         cwd=tmp_path,
         timeout=300,
@@ -185,4 +210,6 @@ def test_real_benchmark_folders_pass_validation(
     if not folder.is_dir():
         pytest.skip(f"{folder} not present")
     info = validate_dataset_folder(folder, check_images=False)
-    assert len(info.train_images) == train and set(info.defects) == defects and info.has_masks is masks
+    assert len(info.train_images) == train
+    assert set(info.defects) == defects
+    assert info.has_masks is masks

@@ -13,13 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from anomalib_feddymem.benchmark.config import METHODS, load_benchmark_config
 from anomalib_feddymem.benchmark.report import COLUMNS, read_csv
 
 DATASETS = ("stripes", "checker")
-TINY = {"pre_trained": False, "embedding_dim": 32, "memory_ratio": 1.0, "memory_size": 64, "global_memory_size": 64,
-        "reduce_ratio": 2, "upload_precision": "float32"}
+TINY = {
+    "pre_trained": False,
+    "embedding_dim": 32,
+    "memory_ratio": 1.0,
+    "memory_size": 64,
+    "global_memory_size": 64,
+    "reduce_ratio": 2,
+    "upload_precision": "float32",
+}
 
 
 def _config(data_root: Path, output: Path, **changes: Any) -> Any:  # noqa: ANN401
@@ -62,7 +68,8 @@ def test_results_csv_schema_and_one_row_per_method_and_dataset(tiny_run):
     assert sorted((r["method"], r["dataset"]) for r in rows) == sorted((m, d) for m in METHODS for d in DATASETS)
     for row in rows:
         assert 0.0 <= float(row["image_auroc"]) <= 1.0
-        assert float(row["fit_s"]) > 0 and float(row["infer_ms_per_image"]) > 0
+        assert float(row["fit_s"]) > 0
+        assert float(row["infer_ms_per_image"]) > 0
         assert int(row["num_test_images"]) == 7  # 3 good + 2 blobs + 2 scratches
 
 
@@ -103,14 +110,15 @@ def test_patchcore_federated_upload_bytes_are_the_coresets(tiny_run):
     for model in tiny_run.local_patchcores.values():
         bank = model.model.memory_bank
         nbytes = record_nbytes(encode_memory(bank))
-        assert bank.dtype.itemsize == 4 and bank.numel() * 4 <= nbytes <= bank.numel() * 4 + 512
+        assert bank.dtype.itemsize == 4
+        assert bank.numel() * 4 <= nbytes <= bank.numel() * 4 + 512
         sent.append(nbytes)
     rows = read_csv(tiny_run.output / "results.csv")
     for row in rows:
         if row["method"] == "patchcore_federated":
             assert float(row["upload_bytes_per_round"]) == pytest.approx(statistics.fmean(sent))
         elif row["method"] != "feddymem_federated":
-            assert float(row["upload_bytes_per_round"]) == 0
+            assert float(row["upload_bytes_per_round"]) == pytest.approx(0, abs=0)
     fed = tiny_run.runs["feddymem_federated"].upload_bytes
     for cid, ratio in tiny_run.upload_ratios.items():
         assert ratio == pytest.approx(fed[cid] / sent[cid])
@@ -145,11 +153,16 @@ def test_ablations_table(tiny_run):
     from anomalib_feddymem.benchmark import run_ablations
     from anomalib_feddymem.benchmark.timing import torch_threads
 
-    config = tiny_run.config.replace(ablation={"variants": ["no_dynamic_update", "reduce_ratio"], "reduce_ratios": [2, 4]})
+    config = tiny_run.config.replace(
+        ablation={"variants": ["no_dynamic_update", "reduce_ratio"], "reduce_ratios": [2, 4]}
+    )
     with torch_threads(1):
         rows = run_ablations(config, baseline=tiny_run.runs["feddymem_federated"])
     assert [(r["ablation"], r["value"]) for r in rows] == [
-        ("full", "defaults"), ("no_dynamic_update", "memory_momentum=0"), ("reduce_ratio", "2"), ("reduce_ratio", "4")
+        ("full", "defaults"),
+        ("no_dynamic_update", "memory_momentum=0"),
+        ("reduce_ratio", "2"),
+        ("reduce_ratio", "4"),
     ]
     full, _, same, smaller = rows
     assert same == {**full, "ablation": "reduce_ratio", "value": "2"}  # the full model's setting: reused
@@ -188,9 +201,9 @@ def test_frontier_runs_every_budget_and_reuses_the_main_runs(tiny_run):
 
 # ------------------------------------------------------------------------- config, CLI, missing data
 def test_bad_options_name_the_option(tmp_path):
-    with pytest.raises(ValueError, match="methods: unknown \\['patchcore_fast'\\]"):
+    with pytest.raises(ValueError, match=r"methods: unknown \['patchcore_fast'\]"):
         load_benchmark_config(None, methods="feddymem_federated,patchcore_fast")
-    with pytest.raises(ValueError, match="ablation.variants: unknown"):
+    with pytest.raises(ValueError, match=r"ablation.variants: unknown"):
         load_benchmark_config(None, ablation={"variants": ["no_memory"]})
     config = tmp_path / "bad.yaml"
     config.write_text("clients: 2\nround: 3\n")
@@ -208,9 +221,19 @@ def test_benchmark_config_holds_a_federation_config_and_no_copy_of_its_fields():
     assert not own & set(FEDERATION_KEYS), own & set(FEDERATION_KEYS)
     config = load_benchmark_config(None, clients=2, model={"reduce_ratio": 4}, methods="patchcore_central")
     assert isinstance(config.federation, FederationConfig)
-    assert (config.federation.clients, config.federation.model, config.methods) == (2, {"reduce_ratio": 4}, ["patchcore_central"])
+    assert (config.federation.clients, config.federation.model, config.methods) == (
+        2,
+        {"reduce_ratio": 4},
+        ["patchcore_central"],
+    )
     run = config.run_config(Path("somewhere"), datasets=["disc"])
-    assert (run.output, run.datasets, run.clients, run.evaluation, run.min_clients) == ("somewhere", ["disc"], 2, "none", 1)
+    assert (run.output, run.datasets, run.clients, run.evaluation, run.min_clients) == (
+        "somewhere",
+        ["disc"],
+        2,
+        "none",
+        1,
+    )
     assert config.to_dict()["federation"]["clients"] == 2
 
 
@@ -221,7 +244,10 @@ def test_benchmark_yaml_with_top_level_federation_keys_still_loads(tmp_path):
     new = tmp_path / "new.yaml"
     new.write_text("federation: {clients: 2, rounds: 5, model: {reduce_ratio: 4}}\nmethods: [feddymem_federated]\n")
     assert load_benchmark_config(old) == load_benchmark_config(new)
-    assert load_benchmark_config(old, model={"memory_size": 9}).federation.model == {"reduce_ratio": 4, "memory_size": 9}
+    assert load_benchmark_config(old, model={"memory_size": 9}).federation.model == {
+        "reduce_ratio": 4,
+        "memory_size": 9,
+    }
     bad = tmp_path / "bad.yaml"
     bad.write_text("federation: {clients: 0}\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: clients must be an integer >= 1, got 0"):
@@ -252,12 +278,13 @@ def test_missing_data_root_skips_with_a_message(tmp_path, capsys):
 
 
 def test_timing_images_are_resized_to_the_exported_input_size() -> None:
-    """Any datamodule given to the timing (e.g. one whose images keep their stored size) is
-    resized: the OpenVINO models take exactly ``image_size``."""
+    """Any datamodule given to the timing is resized: the OpenVINO models take exactly ``image_size``.
+
+    That includes one whose images keep their stored size.
+    """
     from types import SimpleNamespace
 
     import torch
-
     from anomalib_feddymem.benchmark.timing import timing_images
 
     batches = [SimpleNamespace(image=torch.rand(2, 3, 256, 256)) for _ in range(3)]

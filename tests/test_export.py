@@ -11,10 +11,9 @@ predict`` do: on a bfloat16-capable CPU, OpenVINO's default, the IR's "precise" 
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET  # noqa: S405 - parses our own exporter's output
 from pathlib import Path
 from typing import Any
-
-import xml.etree.ElementTree as ET  # noqa: N817
 
 import numpy as np
 import onnx
@@ -43,7 +42,8 @@ def exported(trained_tiny: dict[str, Any], tmp_path_factory: pytest.TempPathFact
 
     root = tmp_path_factory.mktemp("export")
     path = trained_tiny["engine"].export(trained_tiny["model"], export_type=ExportType.OPENVINO, export_root=root)
-    assert path is not None and Path(path).suffix == ".xml"
+    assert path is not None
+    assert Path(path).suffix == ".xml"
     return Path(path)
 
 
@@ -77,12 +77,14 @@ def test_exported_ir_keeps_float32_at_openvino_defaults(exported: Path) -> None:
 
     model = ov.Core().read_model(exported)
     versions = {(op.get_type_name(), op.get_type_info().version_id) for op in model.get_ordered_ops()}
-    assert ("Interpolate", "opset11") not in versions and ("Pad", "opset12") not in versions
+    assert ("Interpolate", "opset11") not in versions
+    assert ("Pad", "opset12") not in versions
     assert ("Interpolate", "opset4") in versions  # the pre-processor's resize and the map upsampling
     root = ET.parse(exported).getroot()  # noqa: S314 - our own export
     layers = [layer for layer in root.iter("layer") if layer.get("type") not in {"Parameter", "Result", "Const"}]
     unmarked = [layer.get("name") for layer in layers if layer.find("rt_info/attribute[@name='precise']") is None]
-    assert layers and not unmarked, unmarked
+    assert layers
+    assert not unmarked, unmarked
     compiled = ov.Core().compile_model(exported, "CPU")
     bf16 = {
         op.get_rt_info()["layerType"].astype(str)
@@ -101,7 +103,8 @@ def test_export_log_has_no_traceback(
 
     trained_tiny["engine"].export(trained_tiny["model"], export_type=ExportType.OPENVINO, export_root=tmp_path)
     output = "".join(capfd.readouterr())
-    assert "Traceback" not in output and "No Adapter" not in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert "No Adapter" not in output, output[-3000:]
     onnx_model = onnx.load(next(tmp_path.rglob("*.onnx"))) if list(tmp_path.rglob("*.onnx")) else None
     if onnx_model is not None:
         assert {opset.version for opset in onnx_model.opset_import if opset.domain in {"", "ai.onnx"}} == {18}
@@ -159,9 +162,11 @@ def test_openvino_prediction_goes_through_anomalib_visualiser(
     image_path = synthetic_folder / "test" / "blob" / "000.png"
     predictions = inferencer.predict(image_path)
     item = predictions.items[0]
-    assert item.anomaly_map is not None and item.pred_label is not None
+    assert item.anomaly_map is not None
+    assert item.pred_label is not None
     picture = visualize_image_item(item, fields=["image", "anomaly_map"], overlay_fields=[("image", ["anomaly_map"])])
-    assert picture is not None and picture.size == (3 * 256, 256)  # three 256 px panels
+    assert picture is not None
+    assert picture.size == (3 * 256, 256)  # three 256 px panels
     picture.save(tmp_path / "prediction.png")
 
 
@@ -186,7 +191,6 @@ def test_torch_inferencer_loads_the_exported_torch_model(
 def test_keep_float32_converts_and_marks_a_small_ir(tmp_path: Path) -> None:
     """Interpolate-11 and Pad-12 become v4 and v1 with the same outputs; every layer gets marked."""
     import openvino as ov
-
     from anomalib_feddymem.models.components.export import keep_float32
 
     class Small(torch.nn.Module):
@@ -204,7 +208,8 @@ def test_keep_float32_converts_and_marks_a_small_ir(tmp_path: Path) -> None:
     model = ov.Core().read_model(xml)
     versions = {(op.get_type_name(), op.get_type_info().version_id) for op in model.get_ordered_ops()}
     assert {("Interpolate", "opset4"), ("Pad", "opset1")} <= versions
-    assert ("Interpolate", "opset11") not in versions and ("Pad", "opset12") not in versions
+    assert ("Interpolate", "opset11") not in versions
+    assert ("Pad", "opset12") not in versions
     assert marked == xml.read_text().count('name="precise"') > 0
     assert keep_float32(xml) == 0  # idempotent
     after = ov.Core().compile_model(xml, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(example.numpy())[0]
@@ -215,7 +220,7 @@ def test_keep_float32_converts_and_marks_a_small_ir(tmp_path: Path) -> None:
 def test_keep_float32_names_a_missing_or_foreign_file(tmp_path: Path) -> None:
     from anomalib_feddymem.models.components.export import keep_float32
 
-    with pytest.raises(FileNotFoundError, match="missing.xml"):
+    with pytest.raises(FileNotFoundError, match=r"missing.xml"):
         keep_float32(tmp_path / "missing.xml")
     foreign = tmp_path / "foreign.xml"
     foreign.write_text("<html><body/></html>")
@@ -227,18 +232,26 @@ def test_exported_decision_follows_anomalib_post_processor(
     exported: Path, trained_tiny: dict[str, Any], test_images: torch.Tensor, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
-    """The IR's label is anomalib's: the normalised score against 0.5, i.e. the raw score against the
-    adaptive (F1-optimal) threshold that validation set, and the same label as torch's."""
+    """The IR's label is anomalib's, and the same label as torch's.
+
+    That is the normalised score against 0.5, i.e. the raw score against the adaptive (F1-optimal)
+    threshold that validation set.
+    """
     from anomalib.deploy import OpenVINOInferencer
 
     post = trained_tiny["model"].post_processor
     threshold, low, high = float(post.image_threshold), float(post.image_min), float(post.image_max)
-    assert np.isfinite([threshold, low, high]).all() and low < threshold < high, (low, threshold, high)
+    assert np.isfinite([threshold, low, high]).all(), (low, threshold, high)
+    assert low < threshold < high, (low, threshold, high)
     monkeypatch.chdir(tmp_path)
     predicted = OpenVINOInferencer(path=exported, device="CPU").predict(test_images)
     reference = torch_reference(trained_tiny["model"], test_images)
     with torch.no_grad():
         raw = trained_tiny["model"].model(trained_tiny["model"].pre_processor.transform(test_images)).pred_score
     np.testing.assert_array_equal(predicted.pred_label.reshape(-1), reference.pred_label.numpy().reshape(-1))
-    np.testing.assert_array_equal(predicted.pred_label.reshape(-1), (raw >= threshold).numpy())
+    # The adaptive threshold is one validation image's own score (validation = test here): at such a
+    # tie anomalib's normalisation rounds either way, so the raw comparison is checked off the tie.
+    clear = (raw - threshold).abs().numpy() > 1e-4 * (high - low)
+    assert clear.any()
+    np.testing.assert_array_equal(predicted.pred_label.reshape(-1)[clear], (raw >= threshold).numpy()[clear])
     np.testing.assert_array_equal(predicted.pred_label.reshape(-1), predicted.pred_score.reshape(-1) >= 0.5)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 import torch
+
 from conftest import folder_data_options, only_checkpoint, python
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
 
 LITE0 = {"backbone": "tf_efficientnet_lite0", "layers": ["blocks.2", "blocks.4"]}
 
@@ -43,7 +46,6 @@ def test_fast_patchcore_takes_every_patchcore_option_with_its_default() -> None:
     import inspect
 
     from anomalib.models import Patchcore
-
     from anomalib_feddymem import FastPatchcore
 
     assert inspect.signature(FastPatchcore.__init__) == inspect.signature(Patchcore.__init__)
@@ -69,7 +71,6 @@ def _scores(model: Any, datamodule: Any) -> np.ndarray:  # noqa: ANN401
 @pytest.mark.slow
 def test_same_bank_same_scores_and_checkpoints_load_both_ways(synthetic_folder: Path, tmp_path: Path) -> None:
     from anomalib.models import Patchcore
-
     from anomalib_feddymem import FastPatchcore
     from anomalib_feddymem.data import folder_datamodule
     from anomalib_feddymem.evaluation import rank_auroc
@@ -86,7 +87,8 @@ def test_same_bank_same_scores_and_checkpoints_load_both_ways(synthetic_folder: 
     # A FastPatchcore checkpoint is a Patchcore checkpoint, and the reverse.
     as_stock = Patchcore.load_from_checkpoint(fast_ckpt, map_location="cpu")
     as_fast = FastPatchcore.load_from_checkpoint(stock_ckpt, map_location="cpu")
-    assert type(as_stock) is Patchcore and type(as_fast) is FastPatchcore
+    assert type(as_stock) is Patchcore
+    assert type(as_fast) is FastPatchcore
     np.testing.assert_array_equal(_scores(as_stock, datamodule), scores)
     np.testing.assert_array_equal(_scores(as_fast, datamodule), scores)
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
-from flwr.app import Array
 import torch
-
 from anomalib_feddymem.federation.checkpoint import Checkpointer
 from anomalib_feddymem.federation.config import FederationConfig, load_config
 from anomalib_feddymem.federation.messages import decode_memory, encode_memory, record_nbytes
-from anomalib_feddymem.federation.server import FederationError, InvalidUpload, server_step, validate_upload
+from anomalib_feddymem.federation.server import FederationError, InvalidUploadError, server_step, validate_upload
+from flwr.app import Array
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 DIM = 8
 
@@ -42,19 +45,19 @@ def test_valid_upload_passes():
         (lambda i, w: (i[0], w), r"items must have shape \(K, 8\)"),
         (lambda i, w: (i, w[:-1]), r"weights must have shape \(4,\)"),
         (lambda i, w: (np.where(np.eye(4, DIM, dtype=bool), np.nan, i).astype(np.float32), w), "NaN or infinite"),
-        (lambda i, w: (i, np.full(4, np.inf, dtype=np.float32)), "NaN or infinite"),
+        (lambda i, _w: (i, np.full(4, np.inf, dtype=np.float32)), "NaN or infinite"),
         (lambda i, w: (i, -w), "non-negative"),
-        (lambda i, w: (np.zeros((0, DIM), np.float32), np.zeros(0, np.float32)), "empty upload"),
+        (lambda _i, _w: (np.zeros((0, DIM), np.float32), np.zeros(0, np.float32)), "empty upload"),
     ],
 )
 def test_bad_uploads_rejected_with_reason(mutate, reason):
     items, weights = mutate(*_upload())
-    with pytest.raises(InvalidUpload, match=reason):
+    with pytest.raises(InvalidUploadError, match=reason):
         validate_upload(items, weights, embedding_dim=DIM, max_items=10)
 
 
 def test_oversize_upload_rejected():
-    with pytest.raises(InvalidUpload, match="too many items: 11 > max_upload_items=10"):
+    with pytest.raises(InvalidUploadError, match="too many items: 11 > max_upload_items=10"):
         validate_upload(*_upload(11), embedding_dim=DIM, max_items=10)
 
 
@@ -64,13 +67,15 @@ def test_bad_upload_does_not_stop_the_round():
     nan = (np.full((4, DIM), np.nan, np.float32), good[1])
     result = server_step({0: good, 1: bad, 2: other, 3: nan}, size=3, embedding_dim=DIM, max_items=10, min_clients=2)
     assert result.accepted == [0, 2]
-    assert set(result.rejected) == {1, 3} and "float32" in result.rejected[1] and "NaN" in result.rejected[3]
+    assert set(result.rejected) == {1, 3}
+    assert "float32" in result.rejected[1]
+    assert "NaN" in result.rejected[3]
     assert result.global_memory.shape == (3, DIM)
 
 
 def test_too_few_valid_uploads_is_an_error():
     bad = (np.ones((4, DIM), np.float64), np.ones(4, np.float32))
-    with pytest.raises(FederationError, match="Only 1 valid upload.*min_clients=2"):
+    with pytest.raises(FederationError, match=r"Only 1 valid upload.*min_clients=2"):
         server_step({0: _upload(), 1: bad}, size=3, embedding_dim=DIM, max_items=10, min_clients=2)
 
 
@@ -99,19 +104,27 @@ def test_aggregation_groups_are_weighted_means_preserving_mass(method):
     # every centroid is the weighted mean of the items nearest to it
     labels = ((items[:, None] - g[None]) ** 2).sum(-1).argmin(1)
     for k in range(3):
-        np.testing.assert_allclose(g[k], np.average(items[labels == k], axis=0, weights=weights[labels == k]), atol=1e-4)
+        np.testing.assert_allclose(
+            g[k], np.average(items[labels == k], axis=0, weights=weights[labels == k]), atol=1e-4
+        )
 
 
 def test_warm_start_from_previous_global_memory():
     uploads = _clusters(1)
     first = server_step(uploads, size=3, embedding_dim=DIM, max_items=100, seed=0, method="kmeans").global_memory
     # warm-started from G, the result no longer depends on the k-means seed and keeps G's item order
-    a = server_step(uploads, size=3, embedding_dim=DIM, max_items=100, seed=1, previous=first, method="kmeans").global_memory
-    b = server_step(uploads, size=3, embedding_dim=DIM, max_items=100, seed=7, previous=first, method="kmeans").global_memory
+    a = server_step(
+        uploads, size=3, embedding_dim=DIM, max_items=100, seed=1, previous=first, method="kmeans"
+    ).global_memory
+    b = server_step(
+        uploads, size=3, embedding_dim=DIM, max_items=100, seed=7, previous=first, method="kmeans"
+    ).global_memory
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(a, first, atol=1e-4, rtol=0)
     permuted = first[[2, 0, 1]]
-    c = server_step(uploads, size=3, embedding_dim=DIM, max_items=100, seed=0, previous=permuted, method="kmeans").global_memory
+    c = server_step(
+        uploads, size=3, embedding_dim=DIM, max_items=100, seed=0, previous=permuted, method="kmeans"
+    ).global_memory
     torch.testing.assert_close(c, permuted, atol=1e-4, rtol=0)
 
 
@@ -135,7 +148,8 @@ def test_quantised_records_round_trip_within_their_step(precision, tolerance, by
     weights = rng.uniform(1, 9, size=64).astype(np.float32)
     record = encode_memory(items, weights, precision)
     decoded, decoded_weights = decode_memory(record, precision)
-    assert decoded.dtype == np.float32 and decoded.shape == items.shape
+    assert decoded.dtype == np.float32
+    assert decoded.shape == items.shape
     np.testing.assert_array_equal(decoded_weights, weights)
     if tolerance is None:  # int8: half a step of each dimension's range
         step = (items.max(0) - items.min(0)) / 255
@@ -168,8 +182,8 @@ def test_receiver_refuses_items_of_another_precision_or_a_broken_code():
 
 @pytest.mark.slow
 def test_server_rejects_an_upload_in_the_wrong_dtype_and_the_round_goes_on(tmp_path, caplog):
-    from anomalib_feddymem.federation.runner import run_federation
     from anomalib_feddymem.federation.build import build_clients
+    from anomalib_feddymem.federation.runner import run_federation
     from anomalib_feddymem.federation.transport import InProcessTransport
 
     config = _config(tmp_path, rounds=1, model={**MODEL, "upload_precision": "int8"})
@@ -208,14 +222,41 @@ def test_cli_flags_override_config(tmp_path):
     path = tmp_path / "base.yaml"
     path.write_text("clients: 3\nrounds: 2\nmin_clients: 2\nmodel: {reduce_ratio: 4}\n")
     args = build_parser().parse_args([
-        "simulate", "--config", str(path), "--data-root", str(tmp_path), "--datasets", "x,y",
-        "--clients", "2", "--partition", "quantity", "--alpha", "2", "--rounds", "5", "--local-epochs", "2",
-        "--seed", "9", "--output", str(tmp_path / "out"), "--model", "memory_size=99", "--resume",
+        "simulate",
+        "--config",
+        str(path),
+        "--data-root",
+        str(tmp_path),
+        "--datasets",
+        "x,y",
+        "--clients",
+        "2",
+        "--partition",
+        "quantity",
+        "--alpha",
+        "2",
+        "--rounds",
+        "5",
+        "--local-epochs",
+        "2",
+        "--seed",
+        "9",
+        "--output",
+        str(tmp_path / "out"),
+        "--model",
+        "memory_size=99",
+        "--resume",
     ])
     config = _config_from_args(args)
-    assert (config.data_root, config.datasets, config.clients, config.partition) == (str(tmp_path), ["x", "y"], 2, "quantity")
+    assert (config.data_root, config.datasets, config.clients, config.partition) == (
+        str(tmp_path),
+        ["x", "y"],
+        2,
+        "quantity",
+    )
     assert (config.alpha, config.rounds, config.local_epochs, config.seed) == (2.0, 5, 2, 9)
-    assert config.model["memory_size"] == 99 and config.model["reduce_ratio"] == 4  # flag + file
+    assert config.model["memory_size"] == 99  # flag + file
+    assert config.model["reduce_ratio"] == 4  # flag + file
     assert config.min_clients == 2  # from the file, no flag
     assert args.resume
 
@@ -230,21 +271,37 @@ def test_shipped_configs_load_from_any_directory(tmp_path, monkeypatch):
         for name in (f"configs/federated/{path.name}", f"federated/{path.name}"):
             assert resolve_config_path(name) == path
             assert load_config(name).rounds >= 1, name
-    with pytest.raises(FileNotFoundError, match="neither a file nor a shipped config; shipped: .*federated/demo.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"neither a file nor a shipped config; shipped: .*federated/demo.yaml"):
         load_config("configs/federated/nope.yaml")
 
 
 # ------------------------------------------------------------------------------ in-process runs
 SYNTHETIC = {"train_per_product": 6, "test_good_per_product": 2, "test_defect_per_type": 2}
 # Fixed sizes and float32 items, so byte counts below are exact; the defaults are tested apart.
-MODEL = {"memory_ratio": 1.0, "memory_size": 64, "global_memory_size": 48, "reduce_ratio": 2, "embedding_dim": 32,
-         "upload_precision": "float32"}
+MODEL = {
+    "memory_ratio": 1.0,
+    "memory_size": 64,
+    "global_memory_size": 48,
+    "reduce_ratio": 2,
+    "embedding_dim": 32,
+    "upload_precision": "float32",
+}
 
 
 def _config(output: Path, **changes) -> FederationConfig:
     base = FederationConfig(
-        datasets=["stripes", "disc"], clients=2, partition="category", rounds=2, local_epochs=1, seed=0,
-        output=str(output), image_size=64, batch_size=4, progress=False, synthetic=SYNTHETIC, model=MODEL,
+        datasets=["stripes", "disc"],
+        clients=2,
+        partition="category",
+        rounds=2,
+        local_epochs=1,
+        seed=0,
+        output=str(output),
+        image_size=64,
+        batch_size=4,
+        progress=False,
+        synthetic=SYNTHETIC,
+        model=MODEL,
     )
     return base.replace(**changes)
 
@@ -269,16 +326,22 @@ def test_two_client_two_round_simulation(reference_run):
     rows = _rows(output)
     assert list(rows[0])[:6] == ["round", "client", "image_auroc", "pixel_auroc", "upload_bytes", "download_bytes"]
     assert [(r["round"], r["client"], r["status"]) for r in rows] == [
-        ("1", "0", "ok"), ("1", "1", "ok"), ("2", "0", "ok"), ("2", "1", "ok")
+        ("1", "0", "ok"),
+        ("1", "1", "ok"),
+        ("2", "0", "ok"),
+        ("2", "1", "ok"),
     ]
     g_bytes = 48 * 32 * 4  # G: 48 items of dimension 32, float32
     upload = 32 * 32 * 4 + 32 * 4  # memory-reduce 2x: 32 items + 32 weights
     for row in rows:
-        assert 0.5 <= float(row["image_auroc"]) <= 1.0 and 0.5 <= float(row["pixel_auroc"]) <= 1.0
+        assert 0.5 <= float(row["image_auroc"]) <= 1.0
+        assert 0.5 <= float(row["pixel_auroc"]) <= 1.0
         assert upload < int(row["upload_bytes"]) < upload + 512
         # G_r is downloaded once per round (for evaluation); clients keep it for the next round's training
         assert g_bytes < int(row["download_bytes"]) < g_bytes + 256
-        assert row["train_images"] == "6" and row["test_images"] == "6" and row["global_memory_items"] == "48"
+        assert row["train_images"] == "6"
+        assert row["test_images"] == "6"
+        assert row["global_memory_items"] == "48"
     assert reference_run.global_memory.shape == (48, 32)
     assert (output / "metrics.png").stat().st_size > 1000
     assert (output / "partition.csv").is_file()
@@ -288,13 +351,13 @@ def test_two_client_two_round_simulation(reference_run):
 @pytest.mark.slow
 def test_clients_export_to_openvino(reference_run, tmp_path):
     import openvino as ov
-    from PIL import Image
-
     from anomalib_feddymem.federation.build import build_clients
+    from PIL import Image
 
     assert set(reference_run.exports) == {0, 1}
     xml = Path(reference_run.exports[0])
-    assert xml.suffix == ".xml" and xml.with_suffix(".bin").is_file()
+    assert xml.suffix == ".xml"
+    assert xml.with_suffix(".bin").is_file()
     # the exported client 0 scores like the client's torch model restored from the last checkpoint
     state_folder = reference_run.output / "checkpoints" / "round_002"
     config = _config(tmp_path)
@@ -326,13 +389,13 @@ def test_resume_after_interruption_matches_uninterrupted_run(reference_run, tmp_
         simulate(_config(tmp_path, seed=1, rounds=3), resume=True)
 
 
-def _failing_in_round(round_to_fail: int, client_id: int):
+def _failing_in_round(round_to_fail: int, client_id: int) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
     """Patch a client's ``fit`` to raise in one round."""
     from anomalib_feddymem.federation.client import FedDyMemClient
 
     original = FedDyMemClient.fit
 
-    def fit(self, round_number):
+    def fit(self, round_number) -> tuple[np.ndarray, np.ndarray]:
         if self.client_id == client_id and round_number == round_to_fail:
             msg = "simulated crash"
             raise RuntimeError(msg)
@@ -350,8 +413,10 @@ def test_failed_client_is_logged_and_round_completes(tmp_path, monkeypatch, capl
     with caplog.at_level(logging.WARNING):
         result = simulate(_config(tmp_path, min_clients=1))
     rows = _rows(tmp_path)
-    assert rows[3]["round"] == "2" and rows[3]["client"] == "1"
-    assert rows[3]["status"] == "failed: RuntimeError: simulated crash" and rows[3]["upload_bytes"] == "0"
+    assert rows[3]["round"] == "2"
+    assert rows[3]["client"] == "1"
+    assert rows[3]["status"] == "failed: RuntimeError: simulated crash"
+    assert rows[3]["upload_bytes"] == "0"
     assert rows[3]["image_auroc"]  # it still received G_2 and evaluated
     assert "Round 2: 1 client(s) failed: client 1: RuntimeError: simulated crash" in caplog.text
     assert result.global_memory.shape[1] == 32
@@ -364,8 +429,11 @@ def test_too_few_clients_stops_with_checkpoint_intact_then_resumes(reference_run
 
     with monkeypatch.context() as patch:
         patch.setattr(FedDyMemClient, "fit", _failing_in_round(2, client_id=0))
-        with pytest.raises(FederationError, match=r"Round 2: only 1 of 2 clients replied \(min_clients=2\).*"
-                                                  r"client 0: RuntimeError: simulated crash.*round 1.*intact"):
+        with pytest.raises(
+            FederationError,
+            match=r"Round 2: only 1 of 2 clients replied \(min_clients=2\).*"
+            r"client 0: RuntimeError: simulated crash.*round 1.*intact",
+        ):
             simulate(_config(tmp_path, min_clients=2))
     assert Checkpointer(tmp_path).latest_file.read_text() == "round_001"
     assert [r["round"] for r in _rows(tmp_path)] == ["1", "1"]
@@ -375,8 +443,11 @@ def test_too_few_clients_stops_with_checkpoint_intact_then_resumes(reference_run
 
 @pytest.mark.slow
 def test_client_with_masked_and_unmasked_products_gets_pixel_auroc(tmp_path):
-    """A client holding a product with masks and one without (like headct) is still scored per
-    pixel on the masked one; its image AUROC pools both products."""
+    """A client holding a product with masks and one without is still scored per pixel.
+
+    The product without masks is like headct; the client is scored per pixel on the masked one, and
+    its image AUROC pools both products.
+    """
     import shutil
 
     from anomalib_feddymem.data import generate_synthetic_dataset
@@ -390,4 +461,5 @@ def test_client_with_masked_and_unmasked_products_gets_pixel_auroc(tmp_path):
     (row,) = _rows(tmp_path / "out")
     assert row["test_images"] == "12"
     assert 0.5 <= float(row["image_auroc"]) <= 1.0
-    assert row["pixel_auroc"] and 0.5 <= float(row["pixel_auroc"]) <= 1.0
+    assert row["pixel_auroc"]
+    assert 0.5 <= float(row["pixel_auroc"]) <= 1.0

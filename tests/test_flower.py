@@ -24,7 +24,10 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PRODUCTS = ["stripes", "disc"]
-MODEL = "{memory_ratio: 1.0, memory_size: 64, global_memory_size: 48, reduce_ratio: 2, embedding_dim: 32, upload_precision: float32}"
+MODEL = (
+    "{memory_ratio: 1.0, memory_size: 64, global_memory_size: 48, reduce_ratio: 2, embedding_dim: 32, "
+    "upload_precision: float32}"
+)
 
 
 def _free_port() -> int:
@@ -87,7 +90,11 @@ def loopback(tmp_path):
     def start(name: str, *args: str) -> subprocess.Popen:
         log = (logs / f"{name}.log").open("w")
         process = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+            [str(BIN / args[0]), *args[1:]],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
             start_new_session=True,
         )
         processes.append(process)
@@ -99,9 +106,17 @@ def loopback(tmp_path):
         for partition in range(2):
             node_port = _free_port()
             node = start(
-                f"supernode_{partition}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                "--host", "127.0.0.1", "--port", str(node_port),
-                "--node-config", f"partition-id={partition} num-partitions=2",
+                f"supernode_{partition}",
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{link_port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(node_port),
+                "--node-config",
+                f"partition-id={partition} num-partitions=2",
             )
             _wait_for_port(node_port, node)
         yield env, logs
@@ -128,14 +143,29 @@ def test_flower_two_rounds_match_simulation(loopback, tmp_path):
     )
     output = tmp_path / "flower_out"
     run_config = {
-        "num-server-rounds": 2, "num-clients": 2, "min-clients": 2, "partition": "category", "seed": 0,
-        "local-epochs": 1, "image-size": 64, "batch-size": 4, "data-root": str(data), "datasets": ",".join(PRODUCTS),
-        "model": MODEL, "output": str(output), "round-timeout": 600,
+        "num-server-rounds": 2,
+        "num-clients": 2,
+        "min-clients": 2,
+        "partition": "category",
+        "seed": 0,
+        "local-epochs": 1,
+        "image-size": 64,
+        "batch-size": 4,
+        "data-root": str(data),
+        "datasets": ",".join(PRODUCTS),
+        "model": MODEL,
+        "output": str(output),
+        "round-timeout": 600,
     }
     overrides = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in run_config.items())
     run = subprocess.run(
         [str(BIN / "flwr"), "run", str(REPO), "loopback", "--stream", "--run-config", overrides],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     assert run.returncode == 0, f"{run.stdout[-4000:]}\n{run.stderr[-4000:]}\n{_logs(logs)}"
     checkpoint = Checkpointer(output)
@@ -143,7 +173,10 @@ def test_flower_two_rounds_match_simulation(loopback, tmp_path):
     flower_state, _ = checkpoint.load()
     assert flower_state.round == 2
     assert [(r["round"], r["client"], r["status"]) for r in flower_state.rows] == [
-        (1, 0, "ok"), (1, 1, "ok"), (2, 0, "ok"), (2, 1, "ok")
+        (1, 0, "ok"),
+        (1, 1, "ok"),
+        (2, 0, "ok"),
+        (2, 1, "ok"),
     ]
     assert (output / "metrics.csv").is_file()
 

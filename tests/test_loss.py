@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from anomalib_feddymem.models.feddymem.loss import MemoryMetricLoss
 
 ORIGIN = torch.zeros(1, 2)
@@ -94,7 +93,7 @@ def test_neighbour_search_without_autograd_gives_the_full_topk_loss_and_gradient
     generator = torch.Generator().manual_seed(1)
     items = torch.randn(50, 8, generator=generator)
     z = torch.randn(40, 8, generator=generator, requires_grad=True)
-    reference_z = z.detach().clone().requires_grad_(True)
+    reference_z = z.detach().clone().requires_grad_(requires_grad=True)
     criterion = MemoryMetricLoss(num_nearest=3, num_hard_negatives=3, radius=0.5, margin=0.1)
     value = criterion(z, items)
     value.backward()
@@ -107,7 +106,7 @@ def test_neighbour_search_without_autograd_gives_the_full_topk_loss_and_gradient
 
 def test_precomputed_neighbours_must_match_k_plus_j() -> None:
     criterion = MemoryMetricLoss(num_nearest=1, num_hard_negatives=1)
-    with pytest.raises(ValueError, match=r"neighbours must have shape \(1, 2\)"):
+    with pytest.raises(ValueError, match=r"neighbors must have shape \(1, 2\)"):
         criterion(ORIGIN, ITEMS, torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="must share d"):
         criterion(ORIGIN, torch.zeros(3, 5))
@@ -120,4 +119,6 @@ def test_loss_benchmark_script_prints_both_forms(capsys) -> None:
     script = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_metric_loss.py"))
     assert script["main"](["--patches", "64", "--sizes", "32,128", "--repeats", "1", "--threads", "1"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "speed-up" in line]
-    assert len(lines) == 2 and "M=    32" in lines[0] and "M=   128" in lines[1]
+    assert len(lines) == 2
+    assert "M=    32" in lines[0]
+    assert "M=   128" in lines[1]

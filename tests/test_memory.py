@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from anomalib_feddymem.models.feddymem.memory import (
     DynamicMemory,
     aggregate_memories,
@@ -80,7 +79,8 @@ def test_weighted_kmeans_is_deterministic_for_a_seed() -> None:
     weights = torch.rand(200, generator=generator) + 0.1
     first = weighted_kmeans(points, weights, 10, seed=7)
     second = weighted_kmeans(points, weights, 10, seed=7)
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert torch.equal(first[0], second[0])
+    assert torch.equal(first[1], second[1])
 
 
 def test_weighted_kmeans_warm_starts_from_init() -> None:
@@ -121,7 +121,8 @@ def test_memory_reduce_preserves_weighted_mean_and_total_weight(ratio: float) ->
     items = torch.randn(64, 8, generator=generator) * 3
     counts = torch.randint(1, 50, (64,), generator=generator).float()
     reduced, weights = memory_reduce(items, counts, ratio, seed=0)
-    assert reduced.shape[0] <= -(-64 // ratio) and reduced.shape[1] == 8
+    assert reduced.shape[0] <= -(-64 // ratio)
+    assert reduced.shape[1] == 8
     assert float(weights.sum()) == pytest.approx(float(counts.sum()))
     torch.testing.assert_close(weighted_mean(reduced, weights), weighted_mean(items, counts), atol=1e-5, rtol=1e-5)
 
@@ -130,7 +131,8 @@ def test_memory_reduce_ratio_one_keeps_the_bank() -> None:
     items = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
     counts = torch.arange(1, 17).float()
     reduced, weights = memory_reduce(items, counts, 1.0)
-    assert torch.equal(reduced, items) and torch.equal(weights, counts)
+    assert torch.equal(reduced, items)
+    assert torch.equal(weights, counts)
 
 
 def test_memory_reduce_merges_duplicates_by_weighted_average() -> None:
@@ -192,7 +194,8 @@ def test_dynamic_memory_update_without_embeddings_changes_nothing() -> None:
     items, counts = torch.randn(4, 2), torch.ones(4)
     memory.set(items, counts)
     memory.update()
-    assert torch.equal(memory.items, items) and torch.equal(memory.counts, counts)
+    assert torch.equal(memory.items, items)
+    assert torch.equal(memory.counts, counts)
 
 
 def test_dynamic_memory_momentum_one_jumps_to_the_mean() -> None:
@@ -209,7 +212,7 @@ def test_dynamic_memory_initialize_from_embeddings() -> None:
     assert memory.is_empty
     memory.initialize(points, 3, seed=0)
     assert memory.items.shape == (3, 2)
-    assert float(memory.counts.sum()) == len(points), "every embedding is counted once"
+    assert float(memory.counts.sum()) == len(points), "every embedding is counted once"  # noqa: RUF069 - integer counts
     assigned = nearest_items(points, memory.items)
     torch.testing.assert_close(memory.counts, torch.bincount(assigned, minlength=3).float())
     again = DynamicMemory()
@@ -225,18 +228,21 @@ def test_dynamic_memory_initialize_methods_count_every_embedding(method: str) ->
     memory = DynamicMemory()
     memory.initialize(points, 5, seed=0, method=method)
     assert memory.items.shape == (5, 2)
-    assert float(memory.counts.sum()) == len(points)
+    assert float(memory.counts.sum()) == len(points)  # noqa: RUF069 - a sum of integer counts, exact in float32
 
 
 def test_coreset_initialisation_keeps_a_rare_normal_patch() -> None:
-    """Why the coreset is the default: a lone normal pattern keeps an item of its own (an exact
-    training patch), so it scores zero instead of being averaged into a cluster mean."""
+    """Why the coreset is the default: a lone normal pattern keeps an item of its own.
+
+    That item is an exact training patch, so the pattern scores zero instead of being averaged into a
+    cluster mean.
+    """
     points, _ = blobs()
     rare = torch.tensor([[40.0, -40.0]])
     memory = DynamicMemory()
     memory.initialize(torch.cat([points, rare]), 4, seed=0, method="coreset")
     assert bool((memory.items == rare).all(dim=1).any())
-    assert float(memory.counts[(memory.items == rare).all(dim=1)]) == 1.0
+    assert float(memory.counts[(memory.items == rare).all(dim=1)]) == 1.0  # noqa: RUF069 - an integer count
 
 
 def test_dynamic_memory_rejects_unknown_init_method() -> None:
@@ -302,7 +308,10 @@ def test_memory_reduce_default_is_kcenter_and_kmeans_is_an_option() -> None:
 
 
 def test_aggregate_memories_keeps_a_union_that_fits_whole() -> None:
-    uploads = [(torch.tensor([[0.0, 1.0], [2.0, 3.0]]), torch.tensor([1.0, 2.0])), (torch.tensor([[4.0, 5.0]]), torch.ones(1))]
+    uploads = [
+        (torch.tensor([[0.0, 1.0], [2.0, 3.0]]), torch.tensor([1.0, 2.0])),
+        (torch.tensor([[4.0, 5.0]]), torch.ones(1)),
+    ]
     memory, weights = aggregate_memories(uploads, 3)
     assert torch.equal(memory, torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]))
     assert torch.equal(weights, torch.tensor([1.0, 2.0, 1.0]))
@@ -314,7 +323,8 @@ def test_weighted_kmeans_on_a_subsample_is_seeded_and_assigns_every_point() -> N
     weights = torch.rand(2000, generator=generator) + 0.1
     first = weighted_kmeans(points, weights, 16, seed=3, max_points=256)
     second = weighted_kmeans(points, weights, 16, seed=3, max_points=256)
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert torch.equal(first[0], second[0])
+    assert torch.equal(first[1], second[1])
     assert float(first[1].sum()) == pytest.approx(float(weights.sum()), rel=1e-6)  # all 2000 points are in a group
 
 
@@ -340,6 +350,7 @@ def test_growing_aggregation_keeps_the_previous_global_memory() -> None:
     previous, previous_weights = torch.tensor([[0.0, 0.0]]), torch.tensor([5.0])
     upload = (torch.tensor([[3.0, 4.0]]), torch.tensor([2.0]))
     grown, weights = aggregate_memories([upload], 10, previous=previous, previous_weights=previous_weights, grow=True)
-    assert torch.equal(grown, torch.tensor([[0.0, 0.0], [3.0, 4.0]])) and torch.equal(weights, torch.tensor([5.0, 2.0]))
+    assert torch.equal(grown, torch.tensor([[0.0, 0.0], [3.0, 4.0]]))
+    assert torch.equal(weights, torch.tensor([5.0, 2.0]))
     rebuilt, _ = aggregate_memories([upload], 10, previous=previous, grow=False)
     assert torch.equal(rebuilt, upload[0])

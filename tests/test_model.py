@@ -8,22 +8,25 @@ global memory keep their documented sizes, and a checkpoint restores all of them
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
-
 from anomalib_feddymem import FedDyMem, FedDyMemModel
 from anomalib_feddymem.evaluation import evaluate
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 EMBEDDING_DIM = 32
 
 
 @pytest.fixture(scope="module")
 def network() -> FedDyMemModel:
-    """Untrained (random backbone, seeded so that every run tests the same network) in eval mode;
-    tests install their own memory."""
+    """Untrained network in eval mode; tests install their own memory.
+
+    Its backbone is random, seeded so that every run tests the same network.
+    """
     torch.manual_seed(0)
     return FedDyMemModel(backbone="tf_efficientnet_lite0", pre_trained=False, embedding_dim=EMBEDDING_DIM).eval()
 
@@ -58,7 +61,8 @@ def test_softmin_over_neighbours_lies_between_nearest_and_kth(network: FedDyMemM
         scores = network.patch_scores(embedding).flatten()
     finally:
         network.num_neighbors = 1
-    assert (scores >= distances[:, 0] - 1e-4).all() and (scores <= distances[:, 2] + 1e-4).all()
+    assert (scores >= distances[:, 0] - 1e-4).all()
+    assert (scores <= distances[:, 2] + 1e-4).all()
 
 
 def test_image_score_is_max_of_anomaly_map(network: FedDyMemModel) -> None:
@@ -70,8 +74,11 @@ def test_image_score_is_max_of_anomaly_map(network: FedDyMemModel) -> None:
 
 @pytest.fixture(scope="module")
 def pretrained_network() -> FedDyMemModel:
-    """ImageNet (offline wheel) backbone: a random one spreads a defect over the whole map, so
-    where the peak lands would depend on the random draw rather than on the scoring."""
+    """ImageNet (offline wheel) backbone.
+
+    A random one spreads a defect over the whole map, so where the peak lands would depend on the
+    random draw rather than on the scoring.
+    """
     return FedDyMemModel(backbone="tf_efficientnet_lite0", pre_trained=True, embedding_dim=EMBEDDING_DIM).eval()
 
 
@@ -86,7 +93,8 @@ def test_own_patches_score_zero_and_defect_scores_highest(pretrained_network: Fe
     output = network(torch.cat([normal, defective]))
     assert output.pred_score[0] < 0.05 * output.pred_score[1]
     row, col = divmod(int(output.anomaly_map[1, 0].argmax()), 64)
-    assert 8 <= row < 24 and 40 <= col < 56, f"peak at {(row, col)} is not inside the defect (rows 8-23, cols 40-55)"
+    assert 8 <= row < 24, f"peak at {(row, col)} is not inside the defect (rows 8-23, cols 40-55)"
+    assert 40 <= col < 56, f"peak at {(row, col)} is not inside the defect (rows 8-23, cols 40-55)"
 
 
 def test_scores_do_not_depend_on_the_rest_of_the_batch(network: FedDyMemModel) -> None:
@@ -131,8 +139,11 @@ def test_trained_module_memory_sizes_and_counts(trained_tiny: dict[str, Any]) ->
     assert model.local_memory.items.shape == (64, 32)
     num_train = len(datamodule.train_data)
     patches_per_image = 8 * 8  # 64 px input, stride-8 layer
-    assert float(model.local_memory.counts.sum()) == num_train * patches_per_image, "counts = patches of the epoch"
-    assert 0 < model.model.memory.shape[0] <= model.global_memory_size and model.model.memory.shape[1] == 32
+    # A sum of integer counts (bincounts stored as float32): abs=0 keeps the comparison exact.
+    counts = float(model.local_memory.counts.sum())
+    assert counts == pytest.approx(num_train * patches_per_image, abs=0), "counts = patches of the epoch"
+    assert 0 < model.model.memory.shape[0] <= model.global_memory_size
+    assert model.model.memory.shape[1] == 32
     assert not bool(model.has_global_memory), "centralised training builds G itself"
 
 
@@ -145,7 +156,8 @@ def test_memory_upload_is_reduced_and_keeps_total_weight(
         client.memory_upload()
     client.local_memory.set(trained.local_memory.items, trained.local_memory.counts)
     items, weights = client.memory_upload()
-    assert items.shape[0] <= 16 and items.shape[1] == 32
+    assert items.shape[0] <= 16
+    assert items.shape[1] == 32
     assert float(weights.sum()) == pytest.approx(float(trained.local_memory.counts.sum()))
 
 
@@ -155,19 +167,22 @@ def test_global_memory_becomes_the_training_target(make_tiny_model: Callable[...
     model.set_global_memory(memory)
     assert bool(model.has_global_memory)
     assert torch.equal(model.model.memory, memory)
-    assert torch.equal(model._loss_target(), memory)  # noqa: SLF001
+    assert torch.equal(model._loss_target(), memory)
 
 
 def test_trained_tiny_separates_defects_on_synthetic_data(trained_tiny: dict[str, Any]) -> None:
     result = evaluate(trained_tiny["model"], trained_tiny["datamodule"].test_dataloader())
-    assert result.image_auroc is not None and result.image_auroc >= 0.8, result
-    assert result.pixel_auroc is not None and result.pixel_auroc >= 0.8, result
+    assert result.image_auroc is not None, result
+    assert result.image_auroc >= 0.8, result
+    assert result.pixel_auroc is not None, result
+    assert result.pixel_auroc >= 0.8, result
 
 
 def test_checkpoint_restores_memories_and_scores(trained_tiny: dict[str, Any]) -> None:
     model: FedDyMem = trained_tiny["model"]
     restored = FedDyMem.load_from_checkpoint(trained_tiny["ckpt_path"], map_location="cpu").eval()
-    assert restored.memory_size == model.memory_size and restored.model.embedding_dim == 32
+    assert restored.memory_size == model.memory_size
+    assert restored.model.embedding_dim == 32
     assert torch.equal(restored.local_memory.items, model.local_memory.items)
     assert torch.equal(restored.local_memory.counts, model.local_memory.counts)
     assert torch.equal(restored.model.memory, model.model.memory)

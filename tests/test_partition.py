@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from anomalib_feddymem.federation.partition import (
     PartitionError,
     partition_indices,
@@ -25,7 +24,7 @@ def _check_exact_cover(parts, sizes=SIZES) -> None:
         assert sorted(held.tolist()) == list(range(size)), name
 
 
-def _as_lists(parts):
+def _as_lists(parts) -> list[dict[str, list[int]]]:
     return [{k: v.tolist() for k, v in p.train.items()} for p in parts]
 
 
@@ -53,7 +52,8 @@ def test_category_fewer_clients_than_products():
 def test_iid_equal_sizes_and_cover():
     parts = partition_indices(SIZES, 4, "iid", seed=1)
     counts = [p.num_train for p in parts]
-    assert sum(counts) == 60 and max(counts) - min(counts) <= 1
+    assert sum(counts) == 60
+    assert max(counts) - min(counts) <= 1
     assert all(len(p.test_products) >= 2 for p in parts)  # a random pool mixes products
     _check_exact_cover(parts)
 
@@ -69,7 +69,7 @@ def test_dirichlet_deterministic_and_seed_dependent():
 
 
 def test_dirichlet_alpha_controls_skew():
-    sizes = {name: 200 for name in "abcd"}
+    sizes = dict.fromkeys("abcd", 200)
 
     def dominance(alpha: float) -> float:
         parts = partition_indices(sizes, 4, "dirichlet", alpha=alpha, seed=0)
@@ -83,7 +83,8 @@ def test_dirichlet_alpha_controls_skew():
 def test_quantity_unequal_sizes():
     parts = partition_indices({"a": 100, "b": 100}, 4, "quantity", alpha=0.5, seed=0)
     counts = [p.num_train for p in parts]
-    assert sum(counts) == 200 and min(counts) > 0
+    assert sum(counts) == 200
+    assert min(counts) > 0
     assert max(counts) >= 2 * min(counts)
     assert _as_lists(parts) == _as_lists(partition_indices({"a": 100, "b": 100}, 4, "quantity", alpha=0.5, seed=0))
     _check_exact_cover(parts, {"a": 100, "b": 100})
@@ -117,7 +118,7 @@ def test_bad_options_are_named():
 def test_summary_table_saved(tmp_path):
     parts = partition_indices(SIZES, 2, "category")
     for part in parts:
-        part.num_test = {name: 7 for name in part.test_products}
+        part.num_test = dict.fromkeys(part.test_products, 7)
     path = save_partition_summary(parts, tmp_path, scheme="category", alpha=0.5, seed=0, print_table=False)
     with path.open() as file:
         rows = list(csv.DictReader(file))
@@ -127,7 +128,8 @@ def test_summary_table_saved(tmp_path):
         {"client": "1", "product": "b", "train_images": "20", "test_images": "7"},
     ]
     saved = json.loads((tmp_path / "partition.json").read_text())
-    assert saved["scheme"] == "category" and saved["clients"][1]["train"]["b"] == list(range(20))
+    assert saved["scheme"] == "category"
+    assert saved["clients"][1]["train"]["b"] == list(range(20))
     assert len(partition_table(parts)) == 3
 
 
@@ -136,7 +138,11 @@ def test_client_datamodules_hold_their_share(tmp_path):
     from anomalib_feddymem.federation.datamodules import client_datamodules, folder_products, product_sizes
 
     generate_synthetic_dataset(
-        tmp_path, ["stripes", "disc"], image_size=32, train_per_product=5, test_good_per_product=2,
+        tmp_path,
+        ["stripes", "disc"],
+        image_size=32,
+        train_per_product=5,
+        test_good_per_product=2,
         test_defect_per_type=1,
     )
     products = folder_products(tmp_path, ["stripes", "disc"])

@@ -10,20 +10,21 @@ itself must cost (almost) nothing at interpreter start and import nothing heavy.
 from __future__ import annotations
 
 import inspect
-import os
 import json
 import subprocess
 import sys
-import textwrap
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 import torch
 import yaml
+
 from conftest import folder_data_options, only_checkpoint, python
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = REPO_ROOT / "anomalib_feddymem" / "configs" / "feddymem.yaml"
@@ -63,12 +64,19 @@ FIRST_IMPORTS = [
 
 def test_any_module_can_be_imported_first() -> None:
     """Importing a component first must not break the hook's import of the models (it once did)."""
-    code = "import {module}\nfrom anomalib.models import get_model\nassert get_model('FastPatchcore', pre_trained=False) and get_model('FedDyMem', pre_trained=False, memory_size=8)"
+    code = (
+        "import {module}\n"
+        "from anomalib.models import get_model\n"
+        "assert get_model('FastPatchcore', pre_trained=False) and "
+        "get_model('FedDyMem', pre_trained=False, memory_size=8)"
+    )
     processes = {
         module: subprocess.Popen(
             [sys.executable, "-W", "ignore", "-c", code.format(module=module)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for module in FIRST_IMPORTS
     }
     failures = {}
@@ -120,13 +128,13 @@ def test_cli_train_with_bare_model_name(cli_checkpoint: Path) -> None:
     assert checkpoint["hyper_parameters"]["local_epochs"] == 1
     state = checkpoint["state_dict"]
     assert state["local_memory.items"].shape == (64, 32)
-    assert 0 < state["model.memory"].shape[0] <= 64 and state["model.memory"].shape[1] == 32
+    assert 0 < state["model.memory"].shape[0] <= 64
+    assert state["model.memory"].shape[1] == 32
 
 
 @pytest.mark.slow
 def test_cli_export_openvino_from_checkpoint(cli_checkpoint: Path, tmp_path: Path, cli: Callable[..., Any]) -> None:
     import openvino as ov
-
     from anomalib_feddymem import FedDyMem
 
     cli(
@@ -135,7 +143,8 @@ def test_cli_export_openvino_from_checkpoint(cli_checkpoint: Path, tmp_path: Pat
         cwd=tmp_path,
     )  # fmt: skip
     xml = tmp_path / "export" / "weights" / "openvino" / "model.xml"
-    assert xml.is_file() and xml.with_suffix(".bin").is_file()
+    assert xml.is_file()
+    assert xml.with_suffix(".bin").is_file()
     compiled = ov.Core().compile_model(xml, "CPU")  # OpenVINO's defaults, as `anomalib predict` compiles
     model = FedDyMem.load_from_checkpoint(cli_checkpoint, map_location="cpu").eval()
     for batch in (2, 1):
@@ -201,7 +210,7 @@ def test_config_file_lists_the_model_defaults() -> None:
 
 @pytest.mark.slow
 def test_anomalib_benchmark_patchcore_vs_feddymem(tmp_path: Path, cli: Callable[..., Any]) -> None:
-    """anomalib's benchmark pipeline runs the shipped grid on a synthetic folder and writes both rows.
+    """Anomalib's benchmark pipeline runs the shipped grid on a synthetic folder and writes both rows.
 
     The grid can only share init_args (see the config), so FedDyMem runs with its default sizes:
     the folder is kept smaller than the shared one (4 training images) to stay fast.
@@ -232,7 +241,8 @@ def test_anomalib_benchmark_patchcore_vs_feddymem(tmp_path: Path, cli: Callable[
     results = pd.read_csv(tables[-1])
     assert sorted(results["model.class_path"]) == ["FastPatchcore", "FedDyMem"]
     assert set(results["model.init_args.backbone"]) == {"tf_efficientnet_lite0"}
-    assert results["image_AUROC"].between(0, 1).all() and results["pixel_AUROC"].between(0, 1).all()
+    assert results["image_AUROC"].between(0, 1).all()
+    assert results["pixel_AUROC"].between(0, 1).all()
 
 
 def test_print_config_shows_the_class_defaults(tmp_path: Path, cli: Callable[..., Any]) -> None:
@@ -300,7 +310,8 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_from_any_directory(tmp_path: 
         "print(load_config('configs/federated/synthetic.yaml').rounds)\n"
     )).stdout.split()  # fmt: skip
     package, shipped, rounds = located[-3:]
-    assert Path(package).is_relative_to(fresh_site) and Path(shipped).is_relative_to(fresh_site), located
+    assert Path(package).is_relative_to(fresh_site), located
+    assert Path(shipped).is_relative_to(fresh_site), located
     assert int(rounds) >= 1
     assert "--data-root" in run(venv / "bin" / "feddymem", "demo", "--help").stdout
     run(venv / "bin" / "feddymem", "simulate", "--config", "federated/synthetic.yaml", "--datasets", "disc,grain",
@@ -317,11 +328,14 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_from_any_directory(tmp_path: 
 
 
 @pytest.mark.slow
-def test_anomalib_image_auroc_equals_the_rank_auroc_in_the_default_pipeline(synthetic_folder: Path, tmp_path: Path) -> None:
-    """anomalib's post-processor normalises scores into [0, 1] (monotonically, with validation's
-    min and max) before its evaluator sees them: no sigmoid saturation, the same ranking."""
-    from anomalib.engine import Engine
+def test_anomalib_image_auroc_equals_the_rank_auroc_in_the_default_pipeline(
+    synthetic_folder: Path, tmp_path: Path
+) -> None:
+    """Anomalib's post-processor normalises scores into [0, 1] before its evaluator sees them.
 
+    It does so monotonically, with validation's min and max: no sigmoid saturation, the same ranking.
+    """
+    from anomalib.engine import Engine
     from anomalib_feddymem import FedDyMem
     from anomalib_feddymem.data import folder_datamodule
     from anomalib_feddymem.evaluation import evaluate
@@ -335,5 +349,6 @@ def test_anomalib_image_auroc_equals_the_rank_auroc_in_the_default_pipeline(synt
     engine.fit(model, datamodule=datamodule)
     (metrics,) = engine.test(model, datamodule=datamodule, verbose=False)
     rank = evaluate(model, datamodule.test_dataloader())
-    assert rank.image_auroc is not None and rank.image_auroc < 1.0
+    assert rank.image_auroc is not None
+    assert rank.image_auroc < 1.0
     assert metrics["image_AUROC"] == pytest.approx(rank.image_auroc, abs=1e-6)

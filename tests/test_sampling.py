@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from anomalib.models.components.sampling import KCenterGreedy
-
 from anomalib_feddymem.models.components.sampling import FastKCenterGreedy, k_center_greedy
 
 
@@ -42,8 +41,10 @@ def test_same_indices_as_anomalib(n: int, dim: int, ratio: float, seed: int, kin
 
 @pytest.mark.parametrize("shape", [(1500, 4, 8), (400, 3, 200)])
 def test_same_indices_without_projection(shape: tuple[int, int, int]) -> None:
-    """3-D embeddings skip the projection in anomalib; the fast sampler follows (also when the
-    flattened rows are wider than the principal-direction sample)."""
+    """3-D embeddings skip the projection in anomalib; the fast sampler follows.
+
+    It does so also when the flattened rows are wider than the principal-direction sample.
+    """
     data = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
     _seed(3)
     expected = KCenterGreedy(data, 0.1).select_coreset_idxs()
@@ -83,7 +84,6 @@ def test_k_center_greedy_checks_arguments() -> None:
 def test_fast_patchcore_coreset_equals_anomalib() -> None:
     """FastPatchcore.fit builds exactly the memory bank anomalib's Patchcore would."""
     from anomalib.models import Patchcore
-
     from anomalib_feddymem.models.fast_patchcore import FastPatchcore
 
     fast = FastPatchcore(backbone="tf_efficientnet_lite0", layers=("blocks.2", "blocks.4"), pre_trained=False)
@@ -107,8 +107,11 @@ def test_fast_patchcore_coreset_equals_anomalib() -> None:
 
 @pytest.mark.parametrize("ratio", [0.3, 0.6])
 def test_same_indices_with_duplicates_and_tied_distances(ratio: float) -> None:
-    """Integer grid points, each repeated: exactly tied distances everywhere and, once every distinct
-    point is a centre, a maximum of 0 shared by all points; both samplers take the first index."""
+    """Integer grid points, each repeated: both samplers take the first index on ties.
+
+    The distances are exactly tied everywhere and, once every distinct point is a centre, a maximum
+    of 0 is shared by all points.
+    """
     generator = torch.Generator().manual_seed(7)
     grid = torch.randint(0, 4, (150, 1, 3), generator=generator).float()
     data = grid[torch.randint(0, 150, (600,), generator=generator)]  # 3-D: anomalib skips the projection

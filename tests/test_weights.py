@@ -13,13 +13,15 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
-
 from anomalib_feddymem import FedDyMemModel
 from anomalib_feddymem.models.components.weights import OFFLINE_WEIGHTS, convert_state_dict, register_offline_weights
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 LAYERS = ("blocks.2", "blocks.4")
 
@@ -65,10 +67,12 @@ def test_timm_pretrained_config_points_at_the_converted_file() -> None:
     import timm
 
     registered = register_offline_weights()
-    assert "tf_efficientnet_lite0" in registered and registered["tf_efficientnet_lite0"].is_file()
+    assert "tf_efficientnet_lite0" in registered
+    assert registered["tf_efficientnet_lite0"].is_file()
     cfg = timm.models.get_pretrained_cfg("tf_efficientnet_lite0")
     assert cfg.file == str(registered["tf_efficientnet_lite0"])
-    assert cfg.hf_hub_id is None and cfg.url is None, "nothing may be fetched from the network"
+    assert cfg.hf_hub_id is None, "nothing may be fetched from the network"
+    assert cfg.url is None, "nothing may be fetched from the network"
 
 
 def test_conversion_rejects_a_state_dict_that_does_not_fit() -> None:

@@ -23,6 +23,6 @@ _LAZY = {
     "run_benchmark": ".runner",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(_LAZY)  # noqa: PLE0605 - the lazily imported names
 
 __getattr__ = lazy_attributes(__name__, _LAZY)

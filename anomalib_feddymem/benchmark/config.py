@@ -16,12 +16,14 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from anomalib_feddymem.federation.config import FederationConfig, resolve_config_path
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 __all__ = ["ABLATIONS", "FEDERATION_KEYS", "METHODS", "BenchmarkConfig", "load_benchmark_config"]
 
@@ -127,7 +129,7 @@ class BenchmarkConfig:
             self.federation = FederationConfig(**{**BENCHMARK_FEDERATION_DEFAULTS, **self.federation})
         if not isinstance(self.federation, FederationConfig):
             msg = f"federation must be a mapping of FederationConfig keys, got {type(self.federation).__name__}."
-            raise ValueError(msg)
+            raise ValueError(msg)  # noqa: TRY004 - a config error, which the CLI reports as one
         if isinstance(self.methods, str):
             self.methods = [name.strip() for name in self.methods.split(",") if name.strip()]
         self.methods = list(self.methods)
@@ -174,7 +176,7 @@ class BenchmarkConfig:
         """Plain dict (YAML/JSON), ``federation`` as a nested mapping."""
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> BenchmarkConfig:  # noqa: ANN401
+    def replace(self, **changes: object) -> BenchmarkConfig:
         """A copy with ``changes``: keys of :data:`FEDERATION_KEYS` go to ``federation``.
 
         ``None`` values are ignored (unset CLI flags); ``model`` options are merged key by key.
@@ -186,19 +188,21 @@ class BenchmarkConfig:
         return dataclasses.replace(self, federation=self.federation.replace(**federation), **changes)
 
     def patchcore_options(self) -> dict[str, Any]:
-        """Patchcore keyword arguments: FedDyMem's backbone, layers and weights (as the FedDyMem
-        models get them: ``federation.model`` or FedDyMem's defaults) plus ``patchcore``."""
+        """Patchcore keyword arguments: FedDyMem's backbone, layers and weights, plus ``patchcore``.
+
+        The shared options are those the FedDyMem models get: ``federation.model`` or FedDyMem's defaults.
+        """
         from anomalib_feddymem.federation.runner import model_option
 
         shared = {key: model_option(self.federation, key) for key in SHARED_BACKBONE_OPTIONS}
         return {**shared, **self.patchcore}
 
-    def run_config(self, output: Path, **changes: Any) -> FederationConfig:  # noqa: ANN401
+    def run_config(self, output: Path, **changes: object) -> FederationConfig:
         """The :class:`FederationConfig` of one FedDyMem run of this benchmark (``changes`` override)."""
         return self.federation.replace(**{**BENCHMARK_RUN_SETTINGS, **changes, "output": str(output)})
 
 
-def load_benchmark_config(path: str | Path | None = None, **overrides: Any) -> BenchmarkConfig:  # noqa: ANN401
+def load_benchmark_config(path: str | Path | None = None, **overrides: object) -> BenchmarkConfig:
     """Read a YAML config and apply non-``None`` overrides (federation keys go to ``federation``).
 
     Raises:
@@ -229,4 +233,5 @@ def load_benchmark_config(path: str | Path | None = None, **overrides: Any) -> B
         return config.replace(**overrides)
     except (TypeError, ValueError) as error:
         where = f"{path}: " if path is not None else ""
-        raise ValueError(f"{where}{error}") from error
+        msg = f"{where}{error}"
+        raise ValueError(msg) from error

@@ -23,10 +23,8 @@ import logging
 import shutil
 import statistics
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,18 +34,25 @@ from rich.console import Console
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_feddymem.evaluation import EvaluationResult, evaluate
-from anomalib_feddymem.federation.client import FedDyMemClient
-from anomalib_feddymem.federation.config import FederationConfig
+from anomalib_feddymem.federation.build import build_client, build_partition
 from anomalib_feddymem.federation.datamodules import client_datamodules
 from anomalib_feddymem.federation.messages import decode_memory, encode_memory, record_nbytes
 from anomalib_feddymem.federation.partition import ClientPartition
 from anomalib_feddymem.federation.runner import FederationResult, run_federation
-from anomalib_feddymem.federation.build import build_client, build_partition
 from anomalib_feddymem.federation.transport import InProcessTransport
-from anomalib_feddymem.models.fast_patchcore import FastPatchcore
 from anomalib_feddymem.models.components.sampling import FastKCenterGreedy
+from anomalib_feddymem.models.fast_patchcore import FastPatchcore
 
-from .config import BenchmarkConfig
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
+
+    from anomalib.data import AnomalibDataModule
+
+    from anomalib_feddymem.federation.client import FedDyMemClient
+    from anomalib_feddymem.federation.config import FederationConfig
+
+    from .config import BenchmarkConfig
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +99,9 @@ class MethodRun:
         return float(statistics.fmean(self.upload_bytes.values())) if self.upload_bytes else 0.0
 
 
-def patchcore_pre_processor(image_size: tuple[int, int] = (256, 256), mean: float = 0.5, std: float = 0.5) -> PreProcessor:
+def patchcore_pre_processor(
+    image_size: tuple[int, int] = (256, 256), mean: float = 0.5, std: float = 0.5
+) -> PreProcessor:
     """Resize + normalise with EfficientNet-Lite's statistics (0.5/0.5), as FedDyMem's default does.
 
     Patchcore's own default normalises with ImageNet's statistics, which suit ResNets; the
@@ -203,13 +210,17 @@ def federate(config: FederationConfig, console: Console | None = None) -> Federa
 
 
 def run_feddymem_federated(
-    config: BenchmarkConfig, tests: Mapping[str, Any], *, name: str = "feddymem_federated", **changes: Any  # noqa: ANN401
+    config: BenchmarkConfig,
+    tests: Mapping[str, Any],
+    *,
+    name: str = "feddymem_federated",
+    **changes: object,
 ) -> tuple[MethodRun, FederatedFedDyMem]:
     """FedDyMem over ``N`` non-IID clients; each dataset scored by the clients holding it."""
     run = federate(config.run_config(config.federation.output_dir / "runs" / name, **changes))
     models = {client.client_id: client.model for client in run.clients}
     scores = _score_by_holders(models, run.partitions, tests)
-    fit = {dataset: run.fit_s for dataset in tests}
+    fit = dict.fromkeys(tests, run.fit_s)
     return MethodRun(name, scores, fit, run.upload_bytes()), run
 
 
@@ -226,8 +237,10 @@ def run_feddymem_central(config: BenchmarkConfig, tests: Mapping[str, Any]) -> M
 
 
 # ----------------------------------------------------------------------------------- Patchcore
-def train_patchcore(config: BenchmarkConfig, datamodule: Any, work_dir: Path) -> tuple[FastPatchcore, float]:  # noqa: ANN401
-    """anomalib's Patchcore (fast exact coreset) fitted on ``datamodule``; returns it and its seconds."""
+def train_patchcore(
+    config: BenchmarkConfig, datamodule: AnomalibDataModule, work_dir: Path
+) -> tuple[FastPatchcore, float]:
+    """Anomalib's Patchcore (fast exact coreset) fitted on ``datamodule``; returns it and its seconds."""
     seed_everything(config.federation.seed, verbose=False)
     size = (config.federation.image_size, config.federation.image_size)
     model = FastPatchcore(
@@ -253,7 +266,9 @@ def run_patchcore_central(config: BenchmarkConfig, tests: Mapping[str, Any]) -> 
     """One Patchcore per dataset on its pooled training data."""
     scores, fit = {}, {}
     for dataset, module in tests.items():
-        model, fit[dataset] = train_patchcore(config, module, config.federation.output_dir / "runs" / "patchcore_central" / dataset)
+        model, fit[dataset] = train_patchcore(
+            config, module, config.federation.output_dir / "runs" / "patchcore_central" / dataset
+        )
         scores[dataset] = DatasetScore(evaluate(model, module.test_dataloader()), [model])
     return MethodRun("patchcore_central", scores, fit)
 
@@ -271,7 +286,7 @@ def run_patchcore_local(
         models[part.client_id], fit = train_patchcore(config, module, work_dir)
         seconds += fit
     scores = _score_by_holders(models, partitions, tests)
-    return MethodRun("patchcore_local", scores, {dataset: seconds for dataset in tests}), models
+    return MethodRun("patchcore_local", scores, dict.fromkeys(tests, seconds)), models
 
 
 def run_patchcore_federated(
@@ -297,5 +312,5 @@ def run_patchcore_federated(
     model.model.memory_bank = global_bank.contiguous()
     logger.info("patchcore_federated: server coreset %d of %d uploaded patches.", len(global_bank), len(union))
     scores = {name: DatasetScore(evaluate(model, module.test_dataloader()), [model]) for name, module in tests.items()}
-    fit = {dataset: local_fit_s + server_s for dataset in tests}
+    fit = dict.fromkeys(tests, local_fit_s + server_s)
     return MethodRun("patchcore_federated", scores, fit, upload_bytes), model

@@ -9,11 +9,14 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from types import ModuleType
 
 __all__ = [
     "ABLATION_COLUMNS",
@@ -51,7 +54,7 @@ FRONTIER_COLUMNS = (
 )  # fmt: skip
 
 
-def _cell(value: Any) -> Any:  # noqa: ANN401
+def _cell(value: object) -> object:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
     if isinstance(value, float):
@@ -59,7 +62,7 @@ def _cell(value: Any) -> Any:  # noqa: ANN401
     return value
 
 
-def _fmt(value: Any, digits: int = 3) -> str:  # noqa: ANN401
+def _fmt(value: object, digits: int = 3) -> str:
     if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if isinstance(value, float):
@@ -70,7 +73,7 @@ def _fmt(value: Any, digits: int = 3) -> str:  # noqa: ANN401
 def write_csv(rows: Sequence[Mapping[str, Any]], path: Path, columns: Sequence[str] = COLUMNS) -> Path:
     """Rows with ``columns`` (undefined values as empty cells)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         for row in rows:
@@ -80,13 +83,13 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path, columns: Sequence[s
 
 def read_csv(path: Path) -> list[dict[str, str]]:
     """The rows of a CSV written by :func:`write_csv` (strings; empty = undefined)."""
-    with Path(path).open(newline="") as handle:
+    with Path(path).open(newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
 
 
-def mean_defined(values: Sequence[Any]) -> float | None:  # noqa: ANN401
+def mean_defined(values: Sequence[Any]) -> float | None:
     """Mean of the defined values (``None``, empty cells and NaN skipped); ``None`` if there are none."""
-    defined = [float(v) for v in values if v not in (None, "") and not (isinstance(v, float) and math.isnan(v))]
+    defined = [float(v) for v in values if v not in {None, ""} and not (isinstance(v, float) and math.isnan(v))]
     return statistics.fmean(defined) if defined else None
 
 
@@ -97,8 +100,15 @@ def method_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float
         mine = [row for row in rows if row["method"] == method]
         means[method] = {
             key: mean_defined([row.get(key) for row in mine])
-            for key in ("image_auroc", "pixel_auroc", "upload_bytes_per_round", "fit_s", "infer_ms_per_image",
-                        "infer_ms_per_image_openvino", "backbone_ms_per_image")
+            for key in (
+                "image_auroc",
+                "pixel_auroc",
+                "upload_bytes_per_round",
+                "fit_s",
+                "infer_ms_per_image",
+                "infer_ms_per_image_openvino",
+                "backbone_ms_per_image",
+            )
         }
     return means
 
@@ -128,16 +138,22 @@ def comparisons(
     versus("mean pixel AUROC: feddymem_central vs patchcore_central", "pixel_auroc", central_fed, central)
     if upload_ratios:
         values = upload_ratios.values()
-        lines.append(("upload per client per round / the same client's patchcore_federated upload",
-                      f"worst client {100 * max(values):.2f}%, mean {100 * statistics.fmean(values):.2f}%"))  # fmt: skip
+        measured = f"worst client {100 * max(values):.2f}%, mean {100 * statistics.fmean(values):.2f}%"
+        lines.append(("upload per client per round / the same client's patchcore_federated upload", measured))
     for method in ("feddymem_federated", "feddymem_central"):
         ms, backbone, patchcore = (means.get(method, {}).get("infer_ms_per_image"),
                                    means.get(method, {}).get("backbone_ms_per_image"),
                                    central.get("infer_ms_per_image"))  # fmt: skip
         if ms and patchcore:
-            lines.append((f"torch ms per image: {method} / patchcore_central", f"{_fmt(ms, 1)} / {_fmt(patchcore, 1)} = {ms / patchcore:.2f}x"))
+            lines.append((
+                f"torch ms per image: {method} / patchcore_central",
+                f"{_fmt(ms, 1)} / {_fmt(patchcore, 1)} = {ms / patchcore:.2f}x",
+            ))
         if ms and backbone:
-            lines.append((f"torch ms per image: {method} / its backbone alone", f"{_fmt(ms, 1)} / {_fmt(backbone, 1)} = {ms / backbone:.2f}x"))
+            lines.append((
+                f"torch ms per image: {method} / its backbone alone",
+                f"{_fmt(ms, 1)} / {_fmt(backbone, 1)} = {ms / backbone:.2f}x",
+            ))
     return lines
 
 
@@ -151,9 +167,9 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[st
         cells = []
         for key in columns:
             value = row.get(key)
-            if key in ("image_auroc", "pixel_auroc"):
+            if key in {"image_auroc", "pixel_auroc"}:
                 cells.append(_fmt(_float(value)))
-            elif key in ("fit_s", "infer_ms_per_image", "infer_ms_per_image_openvino", "backbone_ms_per_image"):
+            elif key in {"fit_s", "infer_ms_per_image", "infer_ms_per_image_openvino", "backbone_ms_per_image"}:
                 cells.append(_fmt(_float(value), 1))
             elif key == "upload_bytes_per_round":
                 cells.append(_fmt(_float(value), 0))
@@ -163,8 +179,8 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[st
     return lines
 
 
-def _float(value: Any) -> float | None:  # noqa: ANN401
-    return None if value in (None, "") else float(value)
+def _float(value: object) -> float | None:
+    return None if value in {None, ""} else float(value)
 
 
 def write_markdown(
@@ -182,17 +198,33 @@ def write_markdown(
     lines = [f"# {title}", "", preamble.strip(), "", "## Results per method and dataset", ""]
     lines += _table(rows, COLUMNS[:9])
     lines += ["", "## Means over datasets", ""]
-    lines += _table(mean_rows, ("method", "image_auroc", "pixel_auroc", "upload_bytes_per_round", "fit_s",
-                                "infer_ms_per_image", "infer_ms_per_image_openvino", "backbone_ms_per_image"))
+    lines += _table(
+        mean_rows,
+        (
+            "method",
+            "image_auroc",
+            "pixel_auroc",
+            "upload_bytes_per_round",
+            "fit_s",
+            "infer_ms_per_image",
+            "infer_ms_per_image_openvino",
+            "backbone_ms_per_image",
+        ),
+    )
     if upload_ratios:
-        lines += ["", "## Upload per client per round: FedDyMem / patchcore_federated", "",
-                  "| client | ratio |", "|---|---|"]
+        lines += [
+            "",
+            "## Upload per client per round: FedDyMem / patchcore_federated",
+            "",
+            "| client | ratio |",
+            "|---|---|",
+        ]
         lines += [f"| {cid} | {100 * ratio:.2f}% |" for cid, ratio in sorted(upload_ratios.items())]
     lines += ["", "## Comparisons", "", "| comparison | measured |", "|---|---|"]
     lines += [f"| {comparison} | {measured} |" for comparison, measured in comparisons(rows, upload_ratios)]
     if notes:
         lines += ["", notes.strip()]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
@@ -201,7 +233,7 @@ def write_table(
 ) -> tuple[Path, Path]:
     """``<name>.csv`` and ``<name>.md`` (a titled table of ``columns``) in ``output``."""
     csv_path = write_csv(rows, output / f"{name}.csv", columns)
-    lines = [f"# {title}", "", preamble.strip(), ""] + _table(rows, columns)
+    lines = [f"# {title}", "", preamble.strip(), "", *_table(rows, columns)]
     md_path = output / f"{name}.md"
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
@@ -218,10 +250,10 @@ def write_frontier(rows: Sequence[Mapping[str, Any]], output: Path, preamble: st
 
 
 # ---------------------------------------------------------------------------------------- plots
-def _pyplot() -> Any:  # noqa: ANN401
-    import matplotlib
+def _pyplot() -> ModuleType:
+    import matplotlib as mpl
 
-    matplotlib.use("Agg")
+    mpl.use("Agg")
     from matplotlib import pyplot as plt
 
     return plt
@@ -230,14 +262,19 @@ def _pyplot() -> Any:  # noqa: ANN401
 def plot_auroc_vs_upload(
     rows: Sequence[Mapping[str, Any]], path: Path, frontier: Sequence[Mapping[str, Any]] = ()
 ) -> Path:
-    """Mean image AUROC against upload bytes per client: the ``frontier`` curves when given
-    (total bytes of the run, one line per federated method), else one point per method (per round)."""
+    """Mean image AUROC against upload bytes per client.
+
+    With ``frontier``: one curve per federated method over the run's total bytes; else one point
+    per method (bytes per round).
+    """
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
     if frontier:
         for method in dict.fromkeys(row["method"] for row in frontier):
             mine = sorted((r for r in frontier if r["method"] == method), key=lambda r: r["total_upload_bytes"])
-            axis.plot([r["total_upload_bytes"] for r in mine], [r["image_auroc"] for r in mine], marker="o", label=method)
+            axis.plot(
+                [r["total_upload_bytes"] for r in mine], [r["image_auroc"] for r in mine], marker="o", label=method
+            )
             for row in mine:
                 axis.annotate(row["setting"], (row["total_upload_bytes"], row["image_auroc"]),
                               textcoords="offset points", xytext=(4, 4), fontsize=7)  # fmt: skip

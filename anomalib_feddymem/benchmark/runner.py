@@ -8,26 +8,26 @@ backbone, layers and image size, times every model on the same images (:mod:`.ti
 
 Example:
     >>> from anomalib_feddymem.benchmark import load_benchmark_config, run_benchmark
-    >>> result = run_benchmark(load_benchmark_config("anomalib_feddymem/configs/benchmark/synthetic.yaml"))  # doctest: +SKIP
+    >>> result = run_benchmark(load_benchmark_config("benchmark/synthetic.yaml"))  # doctest: +SKIP
     >>> result.output / "results.csv"  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
 from anomalib_feddymem.data import generate_synthetic_dataset
-from anomalib_feddymem.federation.partition import save_partition_summary
 from anomalib_feddymem.federation.build import build_partition
+from anomalib_feddymem.federation.partition import save_partition_summary
 
 from . import report
-from .config import BenchmarkConfig
 from .methods import (
     FederatedFedDyMem,
     MethodRun,
@@ -45,6 +45,9 @@ from .timing import (
     timing_images,
     torch_ms_per_image,
 )
+
+if TYPE_CHECKING:
+    from .config import BenchmarkConfig
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +77,13 @@ def resolve_datasets(config: BenchmarkConfig) -> BenchmarkConfig | None:
     """
     if config.federation.data_root is None:
         root = config.federation.output_dir / "data" / "synthetic"
-        generate_synthetic_dataset(root, config.federation.datasets, image_size=config.federation.image_size, seed=config.federation.seed,
-                                   **config.federation.synthetic)
+        generate_synthetic_dataset(
+            root,
+            config.federation.datasets,
+            image_size=config.federation.image_size,
+            seed=config.federation.seed,
+            **config.federation.synthetic,
+        )
         return config.replace(data_root=str(root))
     root = Path(config.federation.data_root)
     if not root.is_dir():
@@ -91,7 +99,9 @@ def resolve_datasets(config: BenchmarkConfig) -> BenchmarkConfig | None:
     return config.replace(datasets=present)
 
 
-def _time_models(config: BenchmarkConfig, runs: dict[str, MethodRun], tests: dict[str, Any]) -> dict[tuple[str, str], dict]:
+def _time_models(
+    config: BenchmarkConfig, runs: dict[str, MethodRun], tests: dict[str, Any]
+) -> dict[tuple[str, str], dict]:
     """Torch (and for FedDyMem, OpenVINO) median ms per image of every row's model, same images per dataset."""
     compiled: dict[int, Any] = {}
     timings: dict[tuple[str, str], dict] = {}
@@ -109,7 +119,9 @@ def _time_models(config: BenchmarkConfig, runs: dict[str, MethodRun], tests: dic
             if config.openvino and method.startswith("feddymem"):
                 if id(model) not in compiled:
                     export_root = config.federation.output_dir / "exports" / method / dataset
-                    compiled[id(model)] = compile_openvino(model, export_root, config.federation.image_size, config.timing_threads)
+                    compiled[id(model)] = compile_openvino(
+                        model, export_root, config.federation.image_size, config.timing_threads
+                    )
                 entry["infer_ms_per_image_openvino"] = openvino_ms_per_image(compiled[id(model)], images)
             timings[method, dataset] = entry
     return timings
@@ -124,7 +136,9 @@ def _heatmaps(config: BenchmarkConfig, runs: dict[str, MethodRun], tests: dict[s
         for batch in module.test_dataloader():
             images.append(batch.image.float())
             labels.append(batch.gt_label.reshape(-1))
-            masks.append(None if batch.gt_mask is None else batch.gt_mask.reshape(len(batch.image), *batch.image.shape[-2:]))
+            masks.append(
+                None if batch.gt_mask is None else batch.gt_mask.reshape(len(batch.image), *batch.image.shape[-2:])
+            )
         image = torch.cat(images)
         order = torch.argsort(-torch.cat(labels).int(), stable=True)[: config.heatmap_images]
         mask = None if any(m is None for m in masks) else torch.cat(masks).float()[order].numpy()
@@ -143,14 +157,15 @@ def _heatmaps(config: BenchmarkConfig, runs: dict[str, MethodRun], tests: dict[s
 
 
 def _preamble(config: BenchmarkConfig, command: str | None) -> str:
-    model = ", ".join(f"{k}={v}" for k, v in sorted(config.federation.model.items())) or "defaults"
+    fed = config.federation
+    model = ", ".join(f"{k}={v}" for k, v in sorted(fed.model.items())) or "defaults"
     pc = ", ".join(f"{k}={v}" for k, v in sorted(config.patchcore_options().items()))
     return f"""
 Command: `{command or "run_benchmark(config)"}`
 
-Data: `{config.federation.data_root}` datasets {", ".join(config.federation.datasets)}; {config.federation.clients} clients, partition
-{config.federation.partition} (alpha {config.federation.alpha}), {config.federation.rounds} round(s) of {config.federation.local_epochs} local epoch(s),
-seed {config.federation.seed}, {config.federation.image_size} px for every method. FedDyMem options: {model}. Patchcore
+Data: `{fed.data_root}` datasets {", ".join(fed.datasets)}; {fed.clients} clients, partition
+{fed.partition} (alpha {fed.alpha}), {fed.rounds} round(s) of {fed.local_epochs} local epoch(s),
+seed {fed.seed}, {fed.image_size} px for every method. FedDyMem options: {model}. Patchcore
 (anomalib's, exact fast coreset): {pc}; patchcore_federated server keeps a coreset of
 {config.server_coreset_ratio:g} of the union of the clients' coresets.
 
@@ -170,7 +185,8 @@ the whole run, all clients sequentially, repeated in each of its rows). infer_ms
 ms per image, batch 1, full anomalib forward (pre-processing, network, post-processing) on the CPU
 with {config.timing_threads} thread(s), on the same {config.timing_images} test images of the dataset for every
 method, in one process;
-_openvino: the same for the FedDyMem model exported with anomalib's `to_openvino` (float32).
+_openvino: the same for the FedDyMem model exported with anomalib's `to_openvino`, compiled at
+OpenVINO's defaults; backbone_ms_per_image: FedDyMem's backbone forward alone on the same images.
 """
 
 
@@ -187,9 +203,20 @@ def run_benchmark(
     (output / "benchmark_config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     partition_config = config.run_config(output / "runs" / "feddymem_federated")
     products, partitions, client_modules = build_partition(partition_config, save=False)
-    save_partition_summary(partitions, output, scheme=config.federation.partition, alpha=config.federation.alpha, seed=config.federation.seed,
-                           print_table=False)
-    tests = dataset_datamodules(products, image_size=config.federation.image_size, batch_size=config.federation.batch_size, seed=config.federation.seed)
+    save_partition_summary(
+        partitions,
+        output,
+        scheme=config.federation.partition,
+        alpha=config.federation.alpha,
+        seed=config.federation.seed,
+        print_table=False,
+    )
+    tests = dataset_datamodules(
+        products,
+        image_size=config.federation.image_size,
+        batch_size=config.federation.batch_size,
+        seed=config.federation.seed,
+    )
 
     runs: dict[str, MethodRun] = {}
     result = BenchmarkResult(output=output, rows=[], runs=runs, config=config)
@@ -201,13 +228,15 @@ def run_benchmark(
             runs[method] = run_feddymem_central(config, tests)
         elif method == "patchcore_central":
             runs[method] = run_patchcore_central(config, tests)
-        elif method in ("patchcore_local", "patchcore_federated") and not result.local_patchcores:
+        elif method in {"patchcore_local", "patchcore_federated"} and not result.local_patchcores:
             local, result.local_patchcores = run_patchcore_local(config, client_modules, partitions, tests)
             if "patchcore_local" in config.methods:
                 runs["patchcore_local"] = local
             if "patchcore_federated" in config.methods:
                 local_fit = next(iter(local.fit_s.values()))
-                runs["patchcore_federated"], _ = run_patchcore_federated(config, result.local_patchcores, local_fit, tests)
+                runs["patchcore_federated"], _ = run_patchcore_federated(
+                    config, result.local_patchcores, local_fit, tests
+                )
     runs = {method: runs[method] for method in config.methods}  # table order
     result.runs = runs
 
@@ -229,8 +258,13 @@ def run_benchmark(
         fed, pc = runs["feddymem_federated"].upload_bytes, runs["patchcore_federated"].upload_bytes
         result.upload_ratios = {cid: fed[cid] / pc[cid] for cid in fed if pc.get(cid)}
     report.write_csv(result.rows, output / "results.csv")
-    report.write_markdown(result.rows, output / "results.md", title="FedDyMem against Patchcore",
-                          preamble=_preamble(config, command), upload_ratios=result.upload_ratios)
+    report.write_markdown(
+        result.rows,
+        output / "results.md",
+        title="FedDyMem against Patchcore",
+        preamble=_preamble(config, command),
+        upload_ratios=result.upload_ratios,
+    )
     if frontier:
         result.frontier_rows = run_frontier(config, tests, client_modules, partitions, result)
     report.plot_auroc_vs_upload(result.rows, output / "auroc_vs_upload.png", result.frontier_rows)
@@ -261,44 +295,49 @@ def run_frontier(
     partitions: list[Any],
     done: BenchmarkResult,
 ) -> list[dict[str, Any]]:
-    """Quality against bytes: FedDyMem at every ``frontier.reduce_ratios``, naive Patchcore at every
-    ``frontier.coreset_ratios``; ``frontier.{csv,md}``.
+    """Quality against bytes (``frontier.{csv,md}``) at every upload budget of ``frontier``.
+
+    FedDyMem runs at every ``frontier.reduce_ratios``, naive Patchcore at every ``frontier.coreset_ratios``.
 
     Total upload bytes are per client over the whole run (mean over clients): FedDyMem uploads
     every round, naive federated Patchcore uploads its coreset once. Settings the main benchmark
     already ran are reused.
     """
+    fed = config.federation
     from anomalib_feddymem.federation.runner import model_option
 
     rows = []
     default_ratio = float(model_option(config.federation, "reduce_ratio"))
     for ratio in config.frontier["reduce_ratios"]:
-        run = done.runs.get("feddymem_federated") if float(ratio) == default_ratio else None
+        run = done.runs.get("feddymem_federated") if math.isclose(float(ratio), default_ratio) else None
         if run is None:
             logger.info("Frontier: FedDyMem at reduce_ratio %s.", ratio)
             run, _ = run_feddymem_federated(
-                config, tests, name=f"frontier_reduce_{ratio}", model={**config.federation.model, "reduce_ratio": float(ratio)}
+                config,
+                tests,
+                name=f"frontier_reduce_{ratio}",
+                model={**fed.model, "reduce_ratio": float(ratio)},
             )
-        rows.append(_frontier_row("feddymem_federated", f"reduce_ratio={ratio}", run, config.federation.rounds))
+        rows.append(_frontier_row("feddymem_federated", f"reduce_ratio={ratio}", run, fed.rounds))
     default_coreset = float(config.patchcore.get("coreset_sampling_ratio", 0.1))
     for ratio in config.frontier["coreset_ratios"]:
-        run = done.runs.get("patchcore_federated") if float(ratio) == default_coreset else None
+        run = done.runs.get("patchcore_federated") if math.isclose(float(ratio), default_coreset) else None
         if run is None:
             logger.info("Frontier: naive federated Patchcore at coreset ratio %s.", ratio)
             swept = config.replace(
                 patchcore={**config.patchcore, "coreset_sampling_ratio": float(ratio)},
-                output=str(config.federation.output_dir / "runs" / f"frontier_coreset_{ratio}"),
+                output=str(fed.output_dir / "runs" / f"frontier_coreset_{ratio}"),
             )
             local, models = run_patchcore_local(swept, client_modules, partitions, tests)
             run, _ = run_patchcore_federated(swept, models, next(iter(local.fit_s.values())), tests)
         rows.append(_frontier_row("patchcore_federated", f"coreset_ratio={ratio}", run, 1))
     preamble = (
-        f"Mean image / pixel AUROC over {', '.join(tests)} ({config.federation.clients} clients, {config.federation.partition} alpha "
-        f"{config.federation.alpha}, {config.federation.image_size} px, seed {config.federation.seed}) against the bytes one client uploads over the "
-        f"whole run (mean over clients): FedDyMem sends its reduced memory in each of its {config.federation.rounds} rounds, "
+        f"Mean image / pixel AUROC over {', '.join(tests)} ({fed.clients} clients, {fed.partition} alpha "
+        f"{fed.alpha}, {fed.image_size} px, seed {fed.seed}) against the bytes one client uploads over the "
+        f"whole run (mean over clients): FedDyMem sends its reduced memory in each of its {fed.rounds} rounds, "
         "naive federated Patchcore its coreset once."
     )
-    report.write_frontier(rows, config.federation.output_dir, preamble)
+    report.write_frontier(rows, fed.output_dir, preamble)
     return rows
 
 
@@ -306,7 +345,7 @@ def _ablation_changes(config: BenchmarkConfig) -> list[tuple[str, str, dict[str,
     """``(ablation, value, federation changes)`` for every configured variant."""
     from anomalib_feddymem.federation.runner import model_option
 
-    def model(**options: Any) -> dict[str, Any]:  # noqa: ANN401
+    def model(**options: object) -> dict[str, Any]:
         return {"model": {**config.federation.model, **options}}
 
     variants: list[tuple[str, str, dict[str, Any]]] = []
@@ -354,19 +393,28 @@ def run_ablations(
 
     Variants whose settings equal the full model's reuse its run.
     """
+    fed = config.federation
     if tests is None:
         resolved = resolve_datasets(config)
         if resolved is None:
             return []
         config = resolved
-        products, _, _ = build_partition(config.run_config(config.federation.output_dir / "runs" / "feddymem_federated"), save=False)
-        tests = dataset_datamodules(products, image_size=config.federation.image_size, batch_size=config.federation.batch_size, seed=config.federation.seed)
-    full_settings = (config.federation.alpha, sorted(config.federation.model.items()))
+        products, _, _ = build_partition(config.run_config(fed.output_dir / "runs" / "feddymem_federated"), save=False)
+        tests = dataset_datamodules(
+            products,
+            image_size=fed.image_size,
+            batch_size=fed.batch_size,
+            seed=fed.seed,
+        )
+    full_settings = (fed.alpha, sorted(fed.model.items()))
     if baseline is None:
         baseline, _ = run_feddymem_federated(config, tests)
     rows = [_summary("full", "defaults", baseline)]
     for ablation, value, changes in _ablation_changes(config):
-        settings = (changes.get("alpha", config.federation.alpha), sorted(changes.get("model", config.federation.model).items()))
+        settings = (
+            changes.get("alpha", fed.alpha),
+            sorted(changes.get("model", fed.model).items()),
+        )
         if settings == full_settings:
             run = baseline
         else:
@@ -375,13 +423,11 @@ def run_ablations(
             run, _ = run_feddymem_federated(config, tests, name=name, **changes)
         rows.append(_summary(ablation, value, run))
     preamble = (
-        f"Federated FedDyMem on {', '.join(config.federation.datasets)} ({config.federation.data_root}), {config.federation.clients} clients, "
-        f"{config.federation.partition} alpha {config.federation.alpha} unless swept, {config.federation.rounds} round(s), {config.federation.image_size} px, "
-        f"seed {config.federation.seed}; FedDyMem options {config.federation.model or 'defaults'} unless changed. AUROCs: mean over "
+        f"Federated FedDyMem on {', '.join(fed.datasets)} ({fed.data_root}), {fed.clients} clients, "
+        f"{fed.partition} alpha {fed.alpha} unless swept, {fed.rounds} round(s), {fed.image_size} px, "
+        f"seed {fed.seed}; FedDyMem options {fed.model or 'defaults'} unless changed. AUROCs: mean over "
         "datasets of the rank-based AUROC (per dataset: mean over the clients holding it). "
         "upload_bytes_per_round: serialized bytes per client per round."
     )
-    report.write_ablations(rows, config.federation.output_dir, preamble)
+    report.write_ablations(rows, fed.output_dir, preamble)
     return rows
-
-

@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Generator
+
+    from anomalib.data import AnomalibDataModule
+    from anomalib.models.components import AnomalibModule
+    from openvino import CompiledModel
 
 __all__ = [
     "backbone_ms_per_image",
@@ -33,7 +39,7 @@ __all__ = [
 ]
 
 
-def timing_images(datamodule: Any, count: int, image_size: int | None = None) -> torch.Tensor:  # noqa: ANN401
+def timing_images(datamodule: AnomalibDataModule, count: int, image_size: int | None = None) -> torch.Tensor:
     """The first ``count`` test images of ``datamodule`` as one ``(n, 3, H, W)`` tensor.
 
     With ``image_size`` they are resized to it: the exported OpenVINO models take exactly that
@@ -65,7 +71,7 @@ def median_ms(run: Callable[[torch.Tensor], Any], images: torch.Tensor) -> float
 
 
 @contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
+def torch_threads(threads: int) -> Generator[None, None, None]:
     """Run the block with ``threads`` intra-op threads, restoring the previous number."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -96,7 +102,9 @@ def backbone_ms_per_image(module: torch.nn.Module, images: torch.Tensor, threads
         return median_ms(module.model.feature_extractor, inputs)
 
 
-def compile_openvino(module: Any, export_root: str | Path, image_size: int, threads: int = 1) -> Any:  # noqa: ANN401
+def compile_openvino(
+    module: AnomalibModule, export_root: str | Path, image_size: int, threads: int = 1
+) -> CompiledModel:
     """Export ``module`` with anomalib's ``to_openvino`` and compile it for the CPU as users do.
 
     At OpenVINO's defaults (only the thread count is set): a FedDyMem IR keeps float32 by itself,
@@ -110,6 +118,6 @@ def compile_openvino(module: Any, export_root: str | Path, image_size: int, thre
     return ov.Core().compile_model(str(xml), "CPU", settings)
 
 
-def openvino_ms_per_image(compiled: Any, images: torch.Tensor) -> float:  # noqa: ANN401
+def openvino_ms_per_image(compiled: CompiledModel, images: torch.Tensor) -> float:
     """Median ms per image of a compiled OpenVINO model on the same images as the torch timing."""
     return median_ms(lambda batch: compiled(np.ascontiguousarray(batch.numpy())), images)

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from anomalib.data import Folder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -74,7 +78,9 @@ def validate_dataset_folder(root: str | Path, *, check_images: bool = True) -> D
         raise DatasetFolderError(msg)
     test_good = list_images(test_root / "good")
     defects = {
-        d.name: list_images(d) for d in sorted(test_root.iterdir()) if d.is_dir() and d.name != "good" and list_images(d)
+        d.name: list_images(d)
+        for d in sorted(test_root.iterdir())
+        if d.is_dir() and d.name != "good" and list_images(d)
     }
     if not defects:
         msg = f"No anomalous test images in {test_root}/<defect>/ (needed for AUROC)."
@@ -102,8 +108,8 @@ def folder_datamodule(
     num_workers: int = 0,
     seed: int = 0,
     check_images: bool = True,
-):  # noqa: ANN201 - anomalib Folder, imported lazily
-    """anomalib ``Folder`` datamodule of a validated MVTec-layout folder (validation = test set)."""
+) -> Folder:
+    """Anomalib ``Folder`` datamodule of a validated MVTec-layout folder (validation = test set)."""
     from anomalib.data import Folder
     from anomalib.data.utils import ValSplitMode
 

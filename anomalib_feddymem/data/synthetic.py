@@ -17,7 +17,7 @@ from PIL import Image
 PatternFn = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
 
 
-def _stripes(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _stripes(_yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     phase = rng.uniform(0, 2 * np.pi)
     value = 0.5 + 0.4 * np.sin(xx * 0.35 + phase)
     return np.stack([value, value * 0.8 + 0.1, value * 0.6 + 0.2], axis=-1)

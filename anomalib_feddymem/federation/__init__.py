@@ -24,7 +24,7 @@ _LAZY = {
     "FedDyMemClient": ".client",
     "server_step": ".server",
     "validate_upload": ".server",
-    "InvalidUpload": ".server",
+    "InvalidUploadError": ".server",
     "FederationError": ".server",
     "run_federation": ".runner",
     "FederationResult": ".runner",
@@ -32,6 +32,6 @@ _LAZY = {
     "simulate": ".simulation",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = sorted(_LAZY)  # noqa: PLE0605 - the lazily imported names
 
 __getattr__ = lazy_attributes(__name__, _LAZY)

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +24,9 @@ from anomalib_feddymem.evaluation import EvaluationResult, evaluate, evaluate_po
 from anomalib_feddymem.models.feddymem import FedDyMem
 
 from .messages import decode_memory, encode_memory
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +170,7 @@ class FedDyMemClient:
         if missing or unexpected:
             msg = f"Client {self.client_id} state does not fit the model: missing {missing}, unexpected {unexpected}."
             raise ValueError(msg)
-        self.model.local_memory._reset_accumulators()  # noqa: SLF001 - fresh epoch accumulators
+        self.model.local_memory.reset_accumulators()
         self.memory_round = int(state["memory_round"])
 
     def export_openvino(self, export_root: str | Path, image_size: int) -> Path:

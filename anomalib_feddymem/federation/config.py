@@ -1,21 +1,24 @@
 """Settings of a federated run: one dataclass, loadable from YAML, every field also a CLI flag.
 
-``anomalib_feddymem/configs/federated/*.yaml`` (shipped in the wheel) hold the same keys as :class:`FederationConfig`; ``model`` is a
-mapping of further :class:`~anomalib_feddymem.FedDyMem` options (memory sizes, backbone, ...).
+``anomalib_feddymem/configs/federated/*.yaml`` (shipped in the wheel) hold the same keys as
+:class:`FederationConfig`; ``model`` is a mapping of further :class:`~anomalib_feddymem.FedDyMem`
+options (memory sizes, backbone, ...).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from importlib import resources
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from .partition import SCHEMES
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 __all__ = [
     "EVALUATION_MODES",
@@ -87,7 +90,7 @@ class FederationConfig:
         if isinstance(self.datasets, str):
             self.datasets = [name.strip() for name in self.datasets.split(",") if name.strip()]
         self.datasets = list(self.datasets)
-        if self.data_root in ("", None):
+        if self.data_root in {"", None}:
             self.data_root = None
         if self.partition not in SCHEMES:
             msg = f"partition must be one of {list(SCHEMES)}, got {self.partition!r}."
@@ -120,7 +123,7 @@ class FederationConfig:
             raise ValueError(msg)
         if not isinstance(self.model, dict):
             msg = f"model must be a mapping of FedDyMem options, got {type(self.model).__name__}."
-            raise ValueError(msg)
+            raise ValueError(msg)  # noqa: TRY004 - a config error, which the CLI reports as one
 
     @property
     def output_dir(self) -> Path:
@@ -133,11 +136,10 @@ class FederationConfig:
 
     def identity(self) -> dict[str, Any]:
         """The options a resumed run must share with the original (not output or display ones)."""
-        ignored = {"output", "progress", "accelerator", "export_openvino", "keep_checkpoints", "rounds",
-                   "evaluation"}
+        ignored = {"output", "progress", "accelerator", "export_openvino", "keep_checkpoints", "rounds", "evaluation"}
         return {key: value for key, value in self.to_dict().items() if key not in ignored}
 
-    def replace(self, **changes: Any) -> FederationConfig:  # noqa: ANN401
+    def replace(self, **changes: object) -> FederationConfig:
         """A copy with ``changes`` (``None`` values are ignored: unset CLI flags)."""
         return dataclasses.replace(self, **{key: value for key, value in changes.items() if value is not None})
 
@@ -176,7 +178,7 @@ def resolve_config_path(path: str | Path) -> Path:
     raise FileNotFoundError(msg)
 
 
-def load_dataclass_config(cls: type[ConfigT], path: str | Path | None = None, **overrides: Any) -> ConfigT:  # noqa: ANN401
+def load_dataclass_config(cls: type[ConfigT], path: str | Path | None = None, **overrides: object) -> ConfigT:
     """Read a YAML file of ``cls``'s fields, apply non-``None`` overrides and build ``cls``.
 
     ``model`` (a mapping of FedDyMem options) is merged key by key rather than replaced. Shared by
@@ -206,10 +208,11 @@ def load_dataclass_config(cls: type[ConfigT], path: str | Path | None = None, **
         return cls(**values)
     except (TypeError, ValueError) as error:
         where = f"{path}: " if path is not None else ""
-        raise ValueError(f"{where}{error}") from error
+        msg = f"{where}{error}"
+        raise ValueError(msg) from error
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> FederationConfig:  # noqa: ANN401
+def load_config(path: str | Path | None = None, **overrides: object) -> FederationConfig:
     """Read a YAML config (keys of :class:`FederationConfig`) and apply non-``None`` overrides."""
     return load_dataclass_config(FederationConfig, path, **overrides)
 
@@ -244,14 +247,16 @@ def from_run_config(run_config: Mapping[str, Any]) -> FederationConfig:
     if config_file:
         output = run_config.get("output") or None
         return load_config(config_file, output=output, progress=False)
-    values: dict[str, Any] = {field_name: run_config[key] for key, field_name in RUN_CONFIG_KEYS.items() if key in run_config}
+    values: dict[str, Any] = {
+        field_name: run_config[key] for key, field_name in RUN_CONFIG_KEYS.items() if key in run_config
+    }
     for key in ("output", "datasets", "data_root"):  # "" means: the default
-        if values.get(key) in ("", None):
+        if values.get(key) in {"", None}:
             values.pop(key, None)
     model = yaml.safe_load(str(run_config.get("model", "") or "")) or {}
     if not isinstance(model, dict):
         msg = f"run config 'model' must be a YAML mapping of FedDyMem options, got {run_config.get('model')!r}."
-        raise ValueError(msg)
+        raise ValueError(msg)  # noqa: TRY004 - a config error, which the CLI reports as one
     for key, option in RUN_CONFIG_MODEL_KEYS.items():
         if key in run_config and option not in model:
             model[option] = run_config[key]

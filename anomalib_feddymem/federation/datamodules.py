@@ -8,19 +8,22 @@ loading. Products of different image sizes are resized in the datasets so they b
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
-from torch.utils.data import DataLoader
 from anomalib.data.datamodules.base.image import AnomalibDataModule
-from anomalib.data.datasets.base.image import AnomalibDataset
+from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Resize
 
 from anomalib_feddymem.data import folder_datamodule
 
 from .partition import ClientPartition, PartitionError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+    from anomalib.data.datasets.base.image import AnomalibDataset
 
 __all__ = ["ClientDataModule", "client_datamodules", "folder_products", "product_sizes"]
 
@@ -39,7 +42,7 @@ class ClientDataModule(AnomalibDataModule):
         train_data: AnomalibDataset,
         test_data: AnomalibDataset,
         product_test_data: Mapping[str, AnomalibDataset] | None = None,
-        **kwargs: Any,  # noqa: ANN401
+        **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)
         self._name = name
@@ -146,7 +149,10 @@ def client_datamodules(
         partitions: The partition of the same products.
         image_size: Resize images and masks to this square size in the datasets (products of
             different sizes then batch together); ``None`` keeps the datamodules' own.
-        train_batch_size, eval_batch_size, num_workers, seed: For every client datamodule.
+        train_batch_size: Training batch size of every client datamodule.
+        eval_batch_size: Evaluation batch size of every client datamodule.
+        num_workers: Dataloader workers of every client datamodule.
+        seed: Seed of every client datamodule.
     """
     prepared = {}
     for name, datamodule in products.items():

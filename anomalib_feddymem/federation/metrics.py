@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = ["COLUMNS", "plot_metrics", "round_table", "write_metrics_csv"]
 
@@ -26,7 +28,7 @@ COLUMNS = (
 )
 
 
-def _fmt(value: Any) -> Any:  # noqa: ANN401
+def _fmt(value: object) -> object:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:.6g}"
     return "" if value is None else value
@@ -55,16 +57,28 @@ def round_table(rows: Sequence[dict[str, Any]], round_number: int) -> Any:  # no
         table.add_column(column, justify="right")
     for row in rows:
         if row["round"] == round_number:
-            table.add_row(*(str(_fmt(row.get(c))) or "-" for c in ("client", "status", "image_auroc", "pixel_auroc",
-                                                                     "upload_bytes", "download_bytes", "train_images")))
+            table.add_row(
+                *(
+                    str(_fmt(row.get(c))) or "-"
+                    for c in (
+                        "client",
+                        "status",
+                        "image_auroc",
+                        "pixel_auroc",
+                        "upload_bytes",
+                        "download_bytes",
+                        "train_images",
+                    )
+                )
+            )
     return table
 
 
 def plot_metrics(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """PNG with per-client image/pixel AUROC over rounds and total bytes up/down per round."""
-    import matplotlib
+    import matplotlib as mpl
 
-    matplotlib.use("Agg")
+    mpl.use("Agg")
     from matplotlib import pyplot as plt
 
     path = Path(path)

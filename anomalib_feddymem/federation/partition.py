@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
 SCHEMES = ("category", "iid", "dirichlet", "quantity")
 MAX_REDRAWS = 100
@@ -118,7 +119,9 @@ def _category(sizes: Mapping[str, int], num_clients: int, rng: np.random.Generat
     names = list(sizes)
     parts: list[dict[str, np.ndarray]] = [{} for _ in range(num_clients)]
     for p, name in enumerate(names):
-        holders = [c for c in range(num_clients) if c % len(names) == p] if num_clients > len(names) else [p % num_clients]
+        holders = (
+            [c for c in range(num_clients) if c % len(names) == p] if num_clients > len(names) else [p % num_clients]
+        )
         if sizes[name] < len(holders):
             msg = (
                 f"category partition: product {name!r} has {sizes[name]} training images but is shared by "
@@ -227,7 +230,9 @@ def partition_indices(
     ]
 
 
-def partition_table(partitions: Sequence[ClientPartition], products: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def partition_table(
+    partitions: Sequence[ClientPartition], products: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     """Rows ``client, product, train_images, test_images`` of who holds what (non-empty only)."""
     rows = []
     for part in partitions:

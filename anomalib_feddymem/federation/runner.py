@@ -21,20 +21,24 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
 from flwr.app import ConfigRecord, RecordDict
 from rich.console import Console
 
 from .checkpoint import Checkpointer, CheckpointError, ServerState
-from .config import FederationConfig
 from .messages import decode_memory, encode_memory, record_nbytes
 from .metrics import plot_metrics, round_table, write_metrics_csv
 from .server import FederationError, server_step
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+
+    import torch
+
+    from .config import FederationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +86,7 @@ class FederationResult:
     exports: dict[int, Path]
 
 
-def model_option(config: FederationConfig, name: str) -> Any:  # noqa: ANN401
+def model_option(config: FederationConfig, name: str) -> object:
     """A FedDyMem option as the clients use it: from ``config.model`` or FedDyMem's default."""
     if name in config.model:
         return config.model[name]
@@ -105,7 +109,9 @@ def _failure_text(failures: Mapping[int, str]) -> str:
     return "; ".join(f"client {cid}: {reason}" for cid, reason in sorted(failures.items())) or "none"
 
 
-def _start_state(config: FederationConfig, transport: Transport, checkpointer: Checkpointer, resume: bool) -> ServerState:
+def _start_state(
+    config: FederationConfig, transport: Transport, checkpointer: Checkpointer, resume: bool
+) -> ServerState:
     if not resume:
         if checkpointer.exists():
             msg = (
@@ -124,7 +130,7 @@ def _start_state(config: FederationConfig, transport: Transport, checkpointer: C
     return state
 
 
-def run_federation(
+def run_federation(  # noqa: C901 - the round's steps in order, each a few lines
     transport: Transport,
     config: FederationConfig,
     *,
@@ -150,11 +156,14 @@ def run_federation(
         console.rule(f"[bold]Round {round_number}/{config.rounds}")
         previous = state.global_memory
         memory_record = encode_memory(previous) if previous is not None else None
-        download = {cid: 0 for cid in transport.client_ids}
+        download = dict.fromkeys(transport.client_ids, 0)
         instructions = {}
         for cid in transport.client_ids:
             content = RecordDict({
-                "config": ConfigRecord({"round": round_number, "memory-round": state.round if previous is not None else -1})
+                "config": ConfigRecord({
+                    "round": round_number,
+                    "memory-round": state.round if previous is not None else -1,
+                })
             })
             if previous is not None and state.memory_rounds.get(cid) != state.round:
                 content["global-memory"] = memory_record

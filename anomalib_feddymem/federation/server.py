@@ -9,20 +9,23 @@ grouped by greedy k-center or seeded weighted k-means when it exceeds the global
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from anomalib_feddymem.models.feddymem.memory import aggregate_memories
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["FederationError", "InvalidUpload", "ServerResult", "server_step", "validate_upload"]
+__all__ = ["FederationError", "InvalidUploadError", "ServerResult", "server_step", "validate_upload"]
 
 
-class InvalidUpload(ValueError):
+class InvalidUploadError(ValueError):
     """An upload that the server refuses (wrong dtype or shape, non-finite values, too large)."""
 
 
@@ -47,7 +50,7 @@ def validate_upload(
     embedding_dim: int,
     max_items: int,
 ) -> None:
-    """Raise :class:`InvalidUpload` with a reason if an upload is not a sane reduced memory.
+    """Raise :class:`InvalidUploadError` with a reason if an upload is not a sane reduced memory.
 
     Args:
         items: ``(K, d)`` float32 memory items.
@@ -57,28 +60,28 @@ def validate_upload(
     """
     if not isinstance(items, np.ndarray) or not isinstance(weights, np.ndarray):
         msg = f"items and weights must be arrays, got {type(items).__name__} and {type(weights).__name__}"
-        raise InvalidUpload(msg)
+        raise InvalidUploadError(msg)
     if items.dtype != np.float32 or weights.dtype != np.float32:
         msg = f"dtype must be float32, got items {items.dtype} and weights {weights.dtype}"
-        raise InvalidUpload(msg)
+        raise InvalidUploadError(msg)
     if items.ndim != 2 or items.shape[1] != embedding_dim:
         msg = f"items must have shape (K, {embedding_dim}), got {items.shape}"
-        raise InvalidUpload(msg)
+        raise InvalidUploadError(msg)
     if weights.shape != (items.shape[0],):
         msg = f"weights must have shape ({items.shape[0]},) to match items, got {weights.shape}"
-        raise InvalidUpload(msg)
+        raise InvalidUploadError(msg)
     if items.shape[0] == 0:
         msg = "empty upload (K = 0)"
-        raise InvalidUpload(msg)
+        raise InvalidUploadError(msg)
     if items.shape[0] > max_items:
         msg = f"too many items: {items.shape[0]} > max_upload_items={max_items}"
-        raise InvalidUpload(msg)
+        raise InvalidUploadError(msg)
     if not (np.isfinite(items).all() and np.isfinite(weights).all()):
         msg = "NaN or infinite values"
-        raise InvalidUpload(msg)
+        raise InvalidUploadError(msg)
     if (weights < 0).any() or not weights.sum() > 0:
         msg = "weights must be non-negative with a positive sum"
-        raise InvalidUpload(msg)
+        raise InvalidUploadError(msg)
 
 
 def server_step(
@@ -117,7 +120,7 @@ def server_step(
         items, weights = uploads[client]
         try:
             validate_upload(items, weights, embedding_dim=embedding_dim, max_items=max_items)
-        except InvalidUpload as error:
+        except InvalidUploadError as error:
             rejected[client] = str(error)
             logger.warning("Rejected the upload of client %s: %s.", client, error)
             continue

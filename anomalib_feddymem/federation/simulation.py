@@ -13,12 +13,16 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 
 from .build import build_clients
-from .config import FederationConfig
 from .runner import FederationResult, run_federation
 from .transport import InProcessTransport
+
+if TYPE_CHECKING:
+    from .config import FederationConfig
 
 __all__ = ["simulate"]
 

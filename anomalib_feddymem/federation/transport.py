@@ -7,16 +7,19 @@ loop over Flower's grid (:mod:`anomalib_feddymem.flower.server_app`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import RecordDict
 from rich.console import Console
 
 from .checkpoint import Checkpointer
 from .client import FedDyMemClient, handle_evaluate, handle_train
 from .runner import ClientFailure
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from pathlib import Path
+
+    from flwr.app import RecordDict
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +35,13 @@ class InProcessTransport:
         self.image_size = image_size
         self.console = console or Console()
 
-    def _call(self, kind: str, round_number: int, instructions: Mapping[int, RecordDict], handler: Any) -> dict:  # noqa: ANN401
+    def _call(
+        self,
+        kind: str,
+        round_number: int,
+        instructions: Mapping[int, RecordDict],
+        handler: Callable[[FedDyMemClient, RecordDict], RecordDict],
+    ) -> dict:
         replies: dict[int, RecordDict | ClientFailure] = {}
         for index, cid in enumerate(sorted(instructions), start=1):
             client = self.clients[cid]
@@ -42,7 +51,7 @@ class InProcessTransport:
             )
             try:
                 replies[cid] = handler(client, instructions[cid])
-            except Exception as error:  # noqa: BLE001 - one client's failure must not stop the round
+            except Exception as error:
                 logger.exception("Client %d failed in %s of round %d.", cid, kind, round_number)
                 replies[cid] = ClientFailure(f"{type(error).__name__}: {error}")
         return replies

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -20,6 +19,10 @@ from anomalib_feddymem.federation.checkpoint import CheckpointError
 from anomalib_feddymem.federation.config import FederationConfig, from_run_config
 from anomalib_feddymem.federation.runner import ClientFailure, run_federation
 from anomalib_feddymem.federation.server import FederationError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +41,16 @@ class FlowerTransport:
         connect_timeout: Seconds to wait for all SuperNodes to connect.
     """
 
-    def __init__(self, grid: Grid, config: FederationConfig, *, timeout: float = 3600, connect_timeout: float = 300) -> None:
+    def __init__(
+        self, grid: Grid, config: FederationConfig, *, timeout: float = 3600, connect_timeout: float = 300
+    ) -> None:
         self.grid = grid
         self.timeout = timeout
         self.nodes = self._discover(config.clients, connect_timeout)
         self.client_ids = sorted(self.nodes)
 
     def _discover(self, clients: int, connect_timeout: float) -> dict[int, int]:
-        """partition id -> node id, by asking every connected node."""
+        """Partition id -> node id, by asking every connected node."""
         deadline = time.monotonic() + connect_timeout
         node_ids = list(self.grid.get_node_ids())
         while len(node_ids) < clients and time.monotonic() < deadline:
@@ -102,16 +107,16 @@ class FlowerTransport:
         """``evaluate`` messages to the clients' nodes."""
         return self._send("evaluate", round_number, instructions)
 
-    def client_states(self) -> dict:
+    def client_states(self) -> dict:  # noqa: PLR6301 - the Transport protocol's method
         """Nothing: SuperNodes keep their clients' state themselves."""
         return {}
 
-    def restore(self, folder: Path) -> None:
+    def restore(self, folder: Path) -> None:  # noqa: PLR6301 - the Transport protocol's method
         """Flower clients cannot be rolled back from the server."""
         msg = f"--resume is for the in-process simulation; a Flower run cannot restore its clients from {folder}."
         raise CheckpointError(msg)
 
-    def export(self, export_root: Path) -> dict:
+    def export(self, export_root: Path) -> dict:  # noqa: PLR6301 - the Transport protocol's method
         """Clients' models stay on their nodes (export them there with anomalib)."""
         del export_root
         return {}
@@ -124,4 +129,6 @@ def main(grid: Grid, context: Context) -> None:
     timeout = float(context.run_config.get("round-timeout", 3600))
     transport = FlowerTransport(grid, config, timeout=timeout)
     result = run_federation(transport, config)
-    logger.info("Federation finished: G has %d items; metrics in %s.", len(result.global_memory), result.output / "metrics.csv")
+    logger.info(
+        "Federation finished: G has %d items; metrics in %s.", len(result.global_memory), result.output / "metrics.csv"
+    )

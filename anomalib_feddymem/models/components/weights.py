@@ -41,8 +41,8 @@ _registered: dict[str, Path] = {}
 
 def cache_dir() -> Path:
     """Where converted weights are kept (``$ANOMALIB_FEDDYMEM_CACHE`` or ``~/.cache``)."""
-    root = os.environ.get("ANOMALIB_FEDDYMEM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "anomalib_feddymem"
+    root = os.environ.get("ANOMALIB_FEDDYMEM_CACHE") or (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path("~/.cache").expanduser()) / "anomalib_feddymem"
     )
     return Path(root) / "weights"
 
@@ -83,7 +83,7 @@ def convert_state_dict(source: dict, architecture: str) -> dict:
 def converted_file(entry: OfflineWeights, source: Path) -> Path:
     """Convert (once) and return the cached timm-keyed weight file for ``entry``."""
     stat = source.stat()
-    tag = hashlib.sha1(f"{source}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
+    tag = hashlib.sha1(f"{source}:{stat.st_size}:{stat.st_mtime_ns}".encode(), usedforsecurity=False).hexdigest()[:10]
     target = cache_dir() / f"{entry.architecture}-{tag}.pth"
     if target.is_file():
         return target
@@ -114,11 +114,11 @@ def register_offline_weights() -> dict[str, Path]:
         if source is None:
             continue
         path = converted_file(entry, source)
-        names = [n for n in _registry._model_pretrained_cfgs if n.split(".")[0] == entry.architecture]  # noqa: SLF001
+        names = [n for n in _registry._model_pretrained_cfgs if n.split(".")[0] == entry.architecture]  # noqa: SLF001 - timm has no public setter
         for name in names:
             cfg = _registry._model_pretrained_cfgs[name]  # noqa: SLF001 - timm has no public setter
             # `file` wins over url/hub in timm's resolution; drop hub ids so nothing goes online.
-            _registry._model_pretrained_cfgs[name] = replace(cfg, file=str(path), hf_hub_id=None, url=None)  # noqa: SLF001
+            _registry._model_pretrained_cfgs[name] = replace(cfg, file=str(path), hf_hub_id=None, url=None)  # noqa: SLF001 - timm has no public setter
         _registered[entry.architecture] = path
     return dict(_registered)
 

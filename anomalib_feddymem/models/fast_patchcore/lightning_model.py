@@ -12,7 +12,8 @@ It is registered like FedDyMem: ``anomalib train --model FastPatchcore``,
 
 Example:
     >>> from anomalib.models import get_model
-    >>> model = get_model("FastPatchcore", backbone="tf_efficientnet_lite0", layers=["blocks.2", "blocks.4"])  # doctest: +SKIP
+    >>> options = {"backbone": "tf_efficientnet_lite0", "layers": ["blocks.2", "blocks.4"]}
+    >>> model = get_model("FastPatchcore", **options)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import torch
 from anomalib.models import Patchcore
 from anomalib.models.components import AnomalibModule
 
-from anomalib_feddymem.registration import attach_model
 from anomalib_feddymem.models.components.sampling import FastKCenterGreedy
+from anomalib_feddymem.registration import attach_model
 
 __all__ = ["FastPatchcore"]
 
@@ -46,7 +47,7 @@ class FastPatchcore(Patchcore, AnomalibModule):
     """
 
     def fit(self) -> None:
-        """anomalib's ``PatchcoreModel.subsample_embedding`` with the fast exact sampler."""
+        """Anomalib's ``PatchcoreModel.subsample_embedding`` with the fast exact sampler."""
         store = self.model.embedding_store
         if len(store) == 0:
             msg = "Embedding store is empty: FastPatchcore saw no training images. Cannot perform coreset selection."

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from anomalib.models.components import GaussianBlur2d
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F  # noqa: N812 - torch's and anomalib's convention
 
 __all__ = ["AnomalyMapGenerator", "SeparableGaussianBlur2d"]
 

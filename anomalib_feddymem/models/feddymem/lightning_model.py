@@ -22,7 +22,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import timm
 import torch
@@ -41,8 +41,19 @@ from anomalib_feddymem.models.components.export import keep_float32
 from anomalib_feddymem.registration import attach_model
 
 from .loss import MemoryMetricLoss
-from .memory import GROUPING_METHODS, MEMORY_INIT_METHODS, UPLOAD_PRECISIONS, DynamicMemory, aggregate_memories, memory_reduce, nearest_k_items
+from .memory import (
+    GROUPING_METHODS,
+    MEMORY_INIT_METHODS,
+    UPLOAD_PRECISIONS,
+    DynamicMemory,
+    aggregate_memories,
+    memory_reduce,
+    nearest_k_items,
+)
 from .torch_model import FedDyMemModel
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +195,7 @@ class FedDyMem(AnomalibModule):
         self.weight_decay = weight_decay
         self.seed = seed
         # True once a server has sent a global memory: the loss then targets G, not the local bank.
-        self.register_buffer("has_global_memory", torch.tensor(False))
+        self.register_buffer("has_global_memory", torch.tensor(data=False))
         self.has_global_memory: torch.Tensor
         self._memory_stale = False
 
@@ -202,8 +213,14 @@ class FedDyMem(AnomalibModule):
         std = list(cfg.std) if cfg is not None and cfg.std else [0.229, 0.224, 0.225]
         return PreProcessor(transform=Compose([Resize(image_size, antialias=True), Normalize(mean=mean, std=std)]))
 
-    def to_onnx(self, export_root: Path | str, model_file_name: str = "model", input_size: tuple[int, int] | None = None, **kwargs: Any) -> Path:  # noqa: ANN401
-        """anomalib's ONNX export at opset 18, the dynamo exporter's own.
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,  # noqa: ANN401 - passed through to torch.onnx.export, as anomalib's
+    ) -> Path:
+        """Anomalib's ONNX export at opset 18, the dynamo exporter's own.
 
         anomalib asks for opset 14; the exporter then tries to convert its opset-18 graph down and
         fails on ``Pad`` (the blur's reflect padding), printing a traceback although the export
@@ -212,8 +229,8 @@ class FedDyMem(AnomalibModule):
         kwargs.setdefault("opset_version", ONNX_OPSET)
         return super().to_onnx(export_root, model_file_name, input_size, **kwargs)
 
-    def to_openvino(self, *args: Any, **kwargs: Any) -> Path:  # noqa: ANN401
-        """anomalib's OpenVINO export, with every layer marked to keep float32 (:func:`keep_float32`).
+    def to_openvino(self, *args: object, **kwargs: object) -> Path:
+        """Anomalib's OpenVINO export, with every layer marked to keep float32 (:func:`keep_float32`).
 
         So that ``OpenVINOInferencer``, ``anomalib predict`` and OpenVINO Model Server get
         torch's answers at OpenVINO's defaults, also on CPUs that would otherwise use bfloat16.
@@ -224,7 +241,7 @@ class FedDyMem(AnomalibModule):
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
-        """anomalib's one-class post-processor (thresholds and normalisation from validation)."""
+        """Anomalib's one-class post-processor (thresholds and normalisation from validation)."""
         return PostProcessor()
 
     def _trainable_parameters(self) -> list[nn.Parameter]:
@@ -252,7 +269,7 @@ class FedDyMem(AnomalibModule):
     def set_global_memory(self, memory: torch.Tensor) -> None:
         """Receive the server's global memory: scoring uses it and training now targets it."""
         self.model.set_memory(memory)
-        self.has_global_memory.fill_(True)
+        self.has_global_memory.fill_(value=True)
 
     def memory_upload(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Memory-reduced local bank ``(items, weights)``: all that leaves a client.
@@ -264,7 +281,9 @@ class FedDyMem(AnomalibModule):
             raise RuntimeError(msg)
         items, counts = self.local_memory.items.cpu(), self.local_memory.counts.cpu()
         covered = self.model.memory.cpu() if self.grow_global_memory and bool(self.has_global_memory) else None
-        return memory_reduce(items, counts, self.reduce_ratio, seed=self.seed, method=self.reduce_method, covered=covered)
+        return memory_reduce(
+            items, counts, self.reduce_ratio, seed=self.seed, method=self.reduce_method, covered=covered
+        )
 
     def refresh_scoring_memory(self) -> None:
         """Centralised mode: ``G`` = aggregation of this single client's upload."""
@@ -276,7 +295,7 @@ class FedDyMem(AnomalibModule):
 
     # ----------------------------------------------------------------- training
     @torch.no_grad()
-    def _embeddings_of(self, dataloader: Any) -> torch.Tensor:  # noqa: ANN401
+    def _embeddings_of(self, dataloader: Iterable[Batch]) -> torch.Tensor:
         """Patch embeddings of every image of ``dataloader`` (pre-processed like training batches)."""
         rows = []
         for batch in dataloader:
@@ -296,7 +315,9 @@ class FedDyMem(AnomalibModule):
             size = min(self.memory_size, max(1, math.ceil(self.memory_ratio * embeddings.shape[0])))
             self.local_memory.initialize(embeddings, size, seed=self.seed, method=self.memory_init)
             self.local_memory.to(self.device)
-            logger.info("Initialised local memory: %d items from %d patches.", len(self.local_memory.items), len(embeddings))
+            logger.info(
+                "Initialised local memory: %d items from %d patches.", len(self.local_memory.items), len(embeddings)
+            )
         if not bool(self.has_global_memory):
             self.refresh_scoring_memory()
 
@@ -315,10 +336,10 @@ class FedDyMem(AnomalibModule):
             self.local_memory.accumulate(embeddings)
             return None
         target = self._loss_target()
-        neighbours = nearest_k_items(embeddings, target, self.loss.num_neighbours(target.shape[0]))
+        neighbors = nearest_k_items(embeddings, target, self.loss.num_neighbors(target.shape[0]))
         # Centralised training targets the local bank itself: its nearest item is the assignment.
-        self.local_memory.accumulate(embeddings, neighbours[:, 0] if target is self.local_memory.items else None)
-        loss = self.loss(embeddings, target, neighbours)
+        self.local_memory.accumulate(embeddings, neighbors[:, 0] if target is self.local_memory.items else None)
+        loss = self.loss(embeddings, target, neighbors)
         self.log("train_loss", loss.item(), on_epoch=True, prog_bar=True, logger=True, batch_size=batch.image.shape[0])
         return {"loss": loss}
 
@@ -329,7 +350,7 @@ class FedDyMem(AnomalibModule):
         if self.local_memory.momentum > 0:
             self.local_memory.update()
         else:
-            self.local_memory._reset_accumulators()  # noqa: SLF001 - ablation: no dynamic update
+            self.local_memory.reset_accumulators()  # ablation: no dynamic update
         if not bool(self.has_global_memory):
             self.refresh_scoring_memory()
         self._memory_stale = False
@@ -353,7 +374,7 @@ class FedDyMem(AnomalibModule):
         return batch.update(**predictions._asdict())
 
 
-def _validate_options(**options: Any) -> None:  # noqa: ANN401
+def _validate_options(**options: object) -> None:
     """Reject impossible options before anything is built, naming the option."""
     if not 0 < options["memory_ratio"] <= 1:
         msg = f"memory_ratio must be in (0, 1] (a fraction of the client's patches), got {options['memory_ratio']}."

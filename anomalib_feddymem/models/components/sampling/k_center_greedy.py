@@ -37,10 +37,13 @@ anomalib on continuous data and on data with duplicate points and exactly tied d
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from collections.abc import Generator
 
 __all__ = ["FastKCenterGreedy", "k_center_greedy"]
 
@@ -58,8 +61,11 @@ _ROWS = 4096  # rows per exact-distance chunk
 
 
 def _row_norms(features: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-    """anomalib's distance expression, row by row (bitwise equal to its full-matrix call: each row
-    is reduced on its own, whatever the number of rows, as the tests check through the indices)."""
+    """Anomalib's distance expression, row by row.
+
+    Bitwise equal to its full-matrix call: each row is reduced on its own, whatever the number of
+    rows, as the tests check through the indices.
+    """
     return torch.linalg.norm(features - center, ord=2, dim=1)
 
 
@@ -83,7 +89,7 @@ def _gathered_row_norms(
 
 
 @contextmanager
-def _single_thread() -> Iterator[None]:
+def _single_thread() -> Generator[None, None, None]:
     """One intra-op thread for the loop's thousands of small ops.
 
     OpenMP fork/join costs more than it saves at these sizes (3x slower on a shared 2-core CPU);
@@ -120,8 +126,7 @@ def k_center_greedy(features: torch.Tensor, coreset_size: int, first_index: int)
 
 
 def _principal_coordinates(features: torch.Tensor, dim: int, sample: int = 20000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float64 coordinates ``(N, dim)`` of the centred points on orthonormal principal directions,
-    and the float64 norms ``|x - mean|``.
+    """Float64 coordinates ``(N, dim)`` on orthonormal principal directions, and norms ``|x - mean|``.
 
     Any orthonormal projection shortens distances, so ``|P x - P c| <= |x - c|``: cheap lower bounds
     of the true distances, made tight by the principal directions. A local generator leaves the
@@ -275,10 +280,7 @@ def _k_center_greedy(features: torch.Tensor, coreset_size: int, first_index: int
         tied = torch.nonzero(block_max == top).squeeze(1)
         at_top = torch.nonzero(distances_by_block.index_select(0, tied) == top)
         spots = tied.index_select(0, at_top[:, 0]) * block + at_top[:, 1]
-        if spots.numel() == 1:
-            spot = int(spots)
-        else:
-            spot = int(spots[torch.argmin(order.index_select(0, spots))])
+        spot = int(spots) if spots.numel() == 1 else int(spots[torch.argmin(order.index_select(0, spots))])
         selected[step] = order[spot]
         min_distances[spot] = 0.0  # anomalib's scatter_: a selected point never counts again
         threshold[spot] = float("-inf")
