@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 
+#: Items beyond the ``num_neighbors`` nearest whose distances are recomputed exactly (see
+#: ``FedDyMemModel.patch_scores``): the matmul ranking may swap items at nearly equal distances.
+RERANKED_CANDIDATES = 3
+
+
 def validate_backbone(backbone: str, layers: Sequence[str]) -> dict[str, int]:
     """Check that ``backbone`` is a timm model with the requested feature ``layers``.
 
@@ -197,23 +202,30 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
     def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
         """Distance of every patch of a ``(B, d, h, w)`` embedding to ``G``: ``(B, 1, h, w)``.
 
-        The matmul expansion only ranks the items; the distances to the chosen ones are then
-        recomputed as ``|q - m|^2`` directly. The expansion cancels (``|q|^2 + |m|^2`` is far larger
-        than a nearest distance), which float32 tolerates but a reduced-precision runtime does not:
-        OpenVINO computes the matmul in bfloat16 on CPUs that support it. A slightly wrong ranking
-        picks an item at almost the same distance, so recomputing keeps the score exact.
+        The matmul expansion only ranks the items; the distances to the best-ranked few
+        (:data:`RERANKED_CANDIDATES` more than needed) are then recomputed as ``|q - m|^2`` and the
+        nearest kept. The expansion cancels (``|q|^2 + |m|^2`` is far larger than a nearest
+        distance), which float32 tolerates but a reduced-precision runtime does not: OpenVINO
+        computes the matmul in bfloat16 on CPUs that support it, and may rank a slightly farther
+        item first. For one neighbour the candidates are compared one by one (element-wise ops,
+        which the exported IR keeps in float32), without reshaping the queries.
         """
         batch, _, height, width = embedding.shape
         queries = self.flatten(embedding)
         distances = squared_distances(queries, self.memory)
         k = min(self.num_neighbors, self.memory.shape[0])
+        candidates = distances.topk(min(k + RERANKED_CANDIDATES, self.memory.shape[0]), dim=1, largest=False).indices
+        negated = -self.memory  # an Add of the negated items, not a Sub, survives OpenVINO's CPU passes unmarked
         if k == 1:
-            difference = queries + (-self.memory)[distances.argmin(dim=1)]  # an Add: see the docstring
-            scores = (difference * difference).sum(dim=1).sqrt()
+            scores = None
+            for column in range(candidates.shape[1]):
+                difference = queries + negated[candidates[:, column]]
+                exact = (difference * difference).sum(dim=1)
+                scores = exact if scores is None else torch.minimum(scores, exact)
+            scores = scores.sqrt()
         else:
-            indices = distances.topk(k, dim=1, largest=False).indices
-            difference = queries.unsqueeze(1) + (-self.memory)[indices]  # (N, k, d)
-            nearest = (difference * difference).sum(dim=-1).sqrt()
+            difference = queries.unsqueeze(1) + negated[candidates]  # (N, k + extra, d)
+            nearest = (difference * difference).sum(dim=-1).topk(k, dim=1, largest=False).values.sqrt()
             scores = (F.softmin(nearest, dim=1) * nearest).sum(dim=1)
         return scores.reshape(batch, 1, height, width)
 

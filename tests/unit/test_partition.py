@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from anomalib_feddymem.data import DatasetFolderError
 from anomalib_feddymem.federation.partition import (
     PartitionError,
     partition_indices,
@@ -161,5 +162,5 @@ def test_client_datamodules_hold_their_share(tmp_path):
         batch = next(iter(module.test_dataloader()))
         assert tuple(batch.image.shape[-2:]) == (48, 48)
         assert set(batch.gt_label.tolist()) == {0, 1} or len(module.test_data) > batch.image.shape[0]
-    with pytest.raises(Exception, match="nope"):
+    with pytest.raises(DatasetFolderError, match="nope"):
         folder_products(tmp_path, ["nope"])

@@ -26,7 +26,7 @@ from conftest import folder_data_options, only_checkpoint, python
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = REPO_ROOT / "anomalib_feddymem" / "configs" / "feddymem.yaml"
 BENCHMARK_CONFIG = REPO_ROOT / "anomalib_feddymem" / "configs" / "benchmark_patchcore.yaml"
 #: Options that keep a CLI training run to seconds.
@@ -62,6 +62,7 @@ FIRST_IMPORTS = [
 ]
 
 
+@pytest.mark.slow
 def test_any_module_can_be_imported_first() -> None:
     """Importing a component first must not break the hook's import of the models (it once did)."""
     code = (
@@ -87,6 +88,7 @@ def test_any_module_can_be_imported_first() -> None:
     assert not failures, failures
 
 
+@pytest.mark.slow
 def test_get_model_finds_feddymem_without_importing_it() -> None:
     result = python(
         """
@@ -245,6 +247,7 @@ def test_anomalib_benchmark_patchcore_vs_feddymem(tmp_path: Path, cli: Callable[
     assert results["pixel_AUROC"].between(0, 1).all()
 
 
+@pytest.mark.slow
 def test_print_config_shows_the_class_defaults(tmp_path: Path, cli: Callable[..., Any]) -> None:
     """``anomalib train --model FedDyMem --print_config`` resolves the bare name and prints every default."""
     from anomalib_feddymem import FedDyMem

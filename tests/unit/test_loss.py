@@ -116,7 +116,7 @@ def test_loss_benchmark_script_prints_both_forms(capsys) -> None:
     import runpy
     from pathlib import Path
 
-    script = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_metric_loss.py"))
+    script = runpy.run_path(str(Path(__file__).parents[2] / "benchmarks" / "bench_metric_loss.py"))
     assert script["main"](["--patches", "64", "--sizes", "32,128", "--repeats", "1", "--threads", "1"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "speed-up" in line]
     assert len(lines) == 2

@@ -21,7 +21,7 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PRODUCTS = ["stripes", "disc"]
 MODEL = (

@@ -95,6 +95,7 @@ def test_exported_ir_keeps_float32_at_openvino_defaults(exported: Path) -> None:
     assert bf16 <= {"FullyConnected", "Eltwise", "Reorder"}, bf16
 
 
+@pytest.mark.slow
 def test_export_log_has_no_traceback(
     trained_tiny: dict[str, Any], tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -234,7 +235,7 @@ def test_exported_decision_follows_anomalib_post_processor(
 ) -> None:  # fmt: skip
     """The IR's label is anomalib's, and the same label as torch's.
 
-    That is the normalised score against 0.5, i.e. the raw score against the adaptive (F1-optimal)
+    That is the normalised score above 0.5, i.e. the raw score above the adaptive (F1-optimal)
     threshold that validation set.
     """
     from anomalib.deploy import OpenVINOInferencer
@@ -248,10 +249,12 @@ def test_exported_decision_follows_anomalib_post_processor(
     reference = torch_reference(trained_tiny["model"], test_images)
     with torch.no_grad():
         raw = trained_tiny["model"].model(trained_tiny["model"].pre_processor.transform(test_images)).pred_score
-    np.testing.assert_array_equal(predicted.pred_label.reshape(-1), reference.pred_label.numpy().reshape(-1))
     # The adaptive threshold is one validation image's own score (validation = test here): at such a
-    # tie anomalib's normalisation rounds either way, so the raw comparison is checked off the tie.
+    # tie the normalised score is 0.5 up to rounding, which may differ between torch and OpenVINO,
+    # so labels are compared off the tie.
     clear = (raw - threshold).abs().numpy() > 1e-4 * (high - low)
     assert clear.any()
-    np.testing.assert_array_equal(predicted.pred_label.reshape(-1)[clear], (raw >= threshold).numpy()[clear])
-    np.testing.assert_array_equal(predicted.pred_label.reshape(-1), predicted.pred_score.reshape(-1) >= 0.5)
+    labels = predicted.pred_label.reshape(-1)
+    np.testing.assert_array_equal(labels[clear], reference.pred_label.numpy().reshape(-1)[clear])
+    np.testing.assert_array_equal(labels[clear], (raw > threshold).numpy()[clear])
+    np.testing.assert_array_equal(labels, predicted.pred_score.reshape(-1) > 0.5)

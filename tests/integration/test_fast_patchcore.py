@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 LITE0 = {"backbone": "tf_efficientnet_lite0", "layers": ["blocks.2", "blocks.4"]}
 
 
+@pytest.mark.slow
 def test_get_model_and_the_package_find_fast_patchcore_by_name() -> None:
     result = python(
         """

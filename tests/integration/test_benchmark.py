@@ -18,7 +18,7 @@ from anomalib_feddymem.benchmark.report import COLUMNS, read_csv
 
 DATASETS = ("stripes", "checker")
 TINY = {
-    "pre_trained": False,
+    "pre_trained": True,
     "embedding_dim": 32,
     "memory_ratio": 1.0,
     "memory_size": 64,
@@ -67,7 +67,8 @@ def test_results_csv_schema_and_one_row_per_method_and_dataset(tiny_run):
     assert tuple(rows[0]) == COLUMNS
     assert sorted((r["method"], r["dataset"]) for r in rows) == sorted((m, d) for m in METHODS for d in DATASETS)
     for row in rows:
-        assert 0.0 <= float(row["image_auroc"]) <= 1.0
+        # ImageNet features separate the synthetic defects completely (every method, every dataset)
+        assert float(row["image_auroc"]) >= 0.9, row
         assert float(row["fit_s"]) > 0
         assert float(row["infer_ms_per_image"]) > 0
         assert int(row["num_test_images"]) == 7  # 3 good + 2 blobs + 2 scratches
@@ -80,7 +81,7 @@ def test_pixel_auroc_empty_not_zero_without_ground_truth(tiny_run):
         if row["dataset"] == "checker":
             assert row["pixel_auroc"] == ""
         else:
-            assert 0.0 <= float(row["pixel_auroc"]) <= 1.0
+            assert float(row["pixel_auroc"]) >= 0.8, row
     assert "n/a" in (tiny_run.output / "results.md").read_text()
 
 

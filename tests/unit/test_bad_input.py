@@ -89,8 +89,17 @@ def test_missing_mask_is_named(dataset_copy: Path) -> None:
         validate_dataset_folder(dataset_copy)
 
 
-def test_dataset_errors_are_value_errors() -> None:
-    assert issubclass(DatasetFolderError, ValueError)
+def test_cli_reports_a_bad_dataset_folder_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A user error (here an empty product folder) exits 2 with one line naming the folder, no traceback."""
+    from anomalib_feddymem.cli import main
+
+    (tmp_path / "empty").mkdir()
+    code = main(["simulate", "--data-root", str(tmp_path), "--datasets", "empty", "--output", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert error.startswith("feddymem simulate: error: ")
+    assert str(tmp_path / "empty") in error
+    assert "Traceback" not in error
 
 
 # --------------------------------------------------------------------------------------- options

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import only_checkpoint
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def run_example(name: str, *args: str | Path, cwd: Path) -> str:
