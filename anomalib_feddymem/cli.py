@@ -72,26 +72,32 @@ def _add_federation_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, help="Square image size.")
 
 
+#: ``FederationConfig`` keys that ``simulate`` and ``benchmark`` take as flags (unset flags are ``None``).
+FEDERATION_FLAGS = (
+    "data_root",
+    "datasets",
+    "clients",
+    "partition",
+    "alpha",
+    "rounds",
+    "local_epochs",
+    "seed",
+    "output",
+    "image_size",
+    "min_clients",
+    "batch_size",
+)
+
+
+def _federation_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The federation flags the user set (the others stay ``None``: the config file's value holds)."""
+    return {key: getattr(args, key, None) for key in FEDERATION_FLAGS}
+
+
 def _config_from_args(args: argparse.Namespace) -> Any:  # noqa: ANN401 - FederationConfig
     from anomalib_feddymem.federation.config import load_config
 
-    overrides = {
-        key: getattr(args, key, None)
-        for key in (
-            "data_root",
-            "datasets",
-            "clients",
-            "partition",
-            "alpha",
-            "rounds",
-            "local_epochs",
-            "seed",
-            "output",
-            "image_size",
-            "min_clients",
-            "batch_size",
-        )
-    }
+    overrides = _federation_overrides(args)
     if getattr(args, "export_openvino", False):
         overrides["export_openvino"] = True
     if getattr(args, "no_progress", False):
@@ -269,21 +275,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     """Build the benchmark config from ``--config`` and flags and run it."""
     from anomalib_feddymem.benchmark import load_benchmark_config, run_benchmark
 
-    keys = (
-        "data_root",
-        "datasets",
-        "clients",
-        "partition",
-        "alpha",
-        "rounds",
-        "local_epochs",
-        "seed",
-        "output",
-        "image_size",
-        "batch_size",
-        "methods",
-    )
-    overrides = {key: getattr(args, key) for key in keys}
+    overrides = {**_federation_overrides(args), "methods": args.methods}
     overrides["openvino"] = False if args.no_openvino else None
     overrides["model"] = dict(args.model or [])
     config = load_benchmark_config(args.config, **overrides)

@@ -18,9 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
-from anomalib_feddymem.federation.config import FederationConfig, resolve_config_path
+from anomalib_feddymem.federation.config import FederationConfig, read_options
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -211,16 +209,8 @@ def load_benchmark_config(path: str | Path | None = None, **overrides: object) -
     """
     values: dict[str, Any] = {}
     if path is not None:
-        path = resolve_config_path(path)
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            msg = f"{path}: expected a mapping of options at the top level."
-            raise ValueError(msg)
         known = {f.name for f in dataclasses.fields(BenchmarkConfig)} | set(FEDERATION_KEYS)
-        unknown = sorted(set(loaded) - known)
-        if unknown:
-            msg = f"{path}: unknown option(s) {unknown}; known: {sorted(known)}."
-            raise ValueError(msg)
+        path, loaded = read_options(path, known)
         federation = dict(loaded.pop("federation", None) or {})
         moved = [key for key in FEDERATION_KEYS if key in loaded]
         if moved:

@@ -48,6 +48,8 @@ COLUMNS = (
     "num_test_images",
     "num_models",
 )
+#: The columns averaged over datasets (the measurements of COLUMNS).
+MEAN_COLUMNS = COLUMNS[2:9]
 ABLATION_COLUMNS = ("ablation", "value", "image_auroc", "pixel_auroc", "upload_bytes_per_round", "fit_s")
 FRONTIER_COLUMNS = (
     "method", "setting", "image_auroc", "pixel_auroc", "upload_bytes_per_round", "rounds", "total_upload_bytes"
@@ -98,18 +100,7 @@ def method_means(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float
     means = {}
     for method in dict.fromkeys(row["method"] for row in rows):
         mine = [row for row in rows if row["method"] == method]
-        means[method] = {
-            key: mean_defined([row.get(key) for row in mine])
-            for key in (
-                "image_auroc",
-                "pixel_auroc",
-                "upload_bytes_per_round",
-                "fit_s",
-                "infer_ms_per_image",
-                "infer_ms_per_image_openvino",
-                "backbone_ms_per_image",
-            )
-        }
+        means[method] = {key: mean_defined([row.get(key) for row in mine]) for key in MEAN_COLUMNS}
     return means
 
 
@@ -198,19 +189,7 @@ def write_markdown(
     lines = [f"# {title}", "", preamble.strip(), "", "## Results per method and dataset", ""]
     lines += _table(rows, COLUMNS[:9])
     lines += ["", "## Means over datasets", ""]
-    lines += _table(
-        mean_rows,
-        (
-            "method",
-            "image_auroc",
-            "pixel_auroc",
-            "upload_bytes_per_round",
-            "fit_s",
-            "infer_ms_per_image",
-            "infer_ms_per_image_openvino",
-            "backbone_ms_per_image",
-        ),
-    )
+    lines += _table(mean_rows, ("method", *MEAN_COLUMNS))
     if upload_ratios:
         lines += [
             "",

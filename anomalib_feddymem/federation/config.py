@@ -26,6 +26,7 @@ __all__ = [
     "FederationConfig",
     "from_run_config",
     "load_config",
+    "read_options",
     "resolve_config_path",
     "shipped_configs",
 ]
@@ -178,6 +179,25 @@ def resolve_config_path(path: str | Path) -> Path:
     raise FileNotFoundError(msg)
 
 
+def read_options(path: str | Path, known: set[str]) -> tuple[Path, dict[str, Any]]:
+    """The resolved path and the top-level mapping of a YAML config, refusing keys not in ``known``.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: not a mapping, or an unknown key (naming the file and the known keys).
+    """
+    path = resolve_config_path(path)
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(loaded, dict):
+        msg = f"{path}: expected a mapping of options at the top level."
+        raise ValueError(msg)  # noqa: TRY004 - a config error, which the CLI reports as one
+    unknown = sorted(set(loaded) - known)
+    if unknown:
+        msg = f"{path}: unknown option(s) {unknown}; known: {sorted(known)}."
+        raise ValueError(msg)
+    return path, loaded
+
+
 def load_dataclass_config(cls: type[ConfigT], path: str | Path | None = None, **overrides: object) -> ConfigT:
     """Read a YAML file of ``cls``'s fields, apply non-``None`` overrides and build ``cls``.
 
@@ -190,16 +210,7 @@ def load_dataclass_config(cls: type[ConfigT], path: str | Path | None = None, **
     """
     values: dict[str, Any] = {}
     if path is not None:
-        path = resolve_config_path(path)
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            msg = f"{path}: expected a mapping of options at the top level."
-            raise ValueError(msg)
-        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(loaded) - known)
-        if unknown:
-            msg = f"{path}: unknown option(s) {unknown}; known: {sorted(known)}."
-            raise ValueError(msg)
+        path, loaded = read_options(path, {f.name for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
         values.update(loaded)
     model_overrides = overrides.pop("model", None) or {}
     values.update({key: value for key, value in overrides.items() if value is not None})
