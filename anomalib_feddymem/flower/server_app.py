@@ -46,8 +46,12 @@ class FlowerTransport:
     ) -> None:
         self.grid = grid
         self.timeout = timeout
+        #: Node id -> why it failed the query (it then holds no partition).
+        self.query_failures: dict[int, str] = {}
         self.nodes = self._discover(config.clients, connect_timeout)
-        self.client_ids = sorted(self.nodes)
+        # Every partition of the run is a client, held by a node or not: a partition without a
+        # SuperNode is a failed client of every round, never a missing row.
+        self.client_ids = list(range(config.clients))
 
     def _discover(self, clients: int, connect_timeout: float) -> dict[int, int]:
         """Partition id -> node id, by asking every connected node."""
@@ -63,6 +67,7 @@ class FlowerTransport:
         nodes: dict[int, int] = {}
         for reply in self.grid.send_and_receive(messages, timeout=connect_timeout):
             if reply.has_error():
+                self.query_failures[reply.metadata.src_node_id] = reply.error.reason
                 logger.warning("Node %s failed the query: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
             partition_id = int(reply.content["metrics"]["partition-id"])
@@ -72,7 +77,8 @@ class FlowerTransport:
             nodes[partition_id] = reply.metadata.src_node_id
         missing = sorted(set(range(clients)) - set(nodes))
         if missing:
-            logger.warning("No SuperNode holds partition(s) %s; they count as failed clients.", missing)
+            logger.warning("No SuperNode holds partition(s) %s; they count as failed clients (%s).", missing,
+                           self._unheld_reason())  # fmt: skip
         logger.info("SuperNodes by partition id: %s", nodes)
         return nodes
 
@@ -93,11 +99,21 @@ class FlowerTransport:
             else:
                 replies[cid] = reply.content
         for cid in instructions:
-            if cid not in replies:
-                replies[cid] = ClientFailure(
-                    f"no reply within {self.timeout:.0f}s (node disconnected?)" if cid in self.nodes else "no SuperNode"
-                )
+            if cid in replies:
+                continue
+            if cid in self.nodes:
+                reason = f"no reply from node {self.nodes[cid]} within {self.timeout:.0f}s (node disconnected?)"
+            else:
+                reason = f"no SuperNode holds partition {cid} ({self._unheld_reason()})"
+            replies[cid] = ClientFailure(reason)
         return replies
+
+    def _unheld_reason(self) -> str:
+        """Why a partition has no node: the nodes that failed the query, with their reasons."""
+        if not self.query_failures:
+            return "no connected node reported it"
+        failed = "; ".join(f"node {node}: {reason}" for node, reason in sorted(self.query_failures.items()))
+        return f"node(s) failed the query: {failed}"
 
     def train(self, round_number: int, instructions: Mapping[int, RecordDict]) -> dict:
         """``train`` messages to the clients' nodes."""

@@ -1,0 +1,130 @@
+"""The ServerApp's transport against a stand-in Flower grid: which partitions count as clients.
+
+The grid answers ``query`` from node configs and ``train``/``evaluate`` by running a real client
+step in this process, so the whole round loop runs; what the SuperLink processes add is tested
+in ``test_flower.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import pytest
+from anomalib_feddymem.federation.config import FederationConfig
+from anomalib_feddymem.federation.server import FederationError
+from anomalib_feddymem.flower.server_app import FlowerTransport
+from flwr.app import MetricRecord, RecordDict
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from pathlib import Path
+
+    from anomalib_feddymem.federation.client import FedDyMemClient
+    from flwr.app import Message
+
+MODEL = {"memory_ratio": 1.0, "memory_size": 64, "global_memory_size": 48, "reduce_ratio": 2,
+         "embedding_dim": 32, "upload_precision": "float32"}  # fmt: skip
+
+
+@dataclass
+class _Meta:
+    src_node_id: int
+
+
+@dataclass
+class _Error:
+    reason: str
+
+
+@dataclass
+class _Reply:
+    src: int
+    content: RecordDict | None = None
+    error: _Error | None = None
+    metadata: _Meta = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metadata = _Meta(self.src)
+
+    def has_error(self) -> bool:
+        return self.error is not None
+
+
+class _Grid:
+    """Nodes by id: a partition id they report (or a query error), and the client they run."""
+
+    def __init__(self, nodes: dict[int, int | str], clients: dict[int, FedDyMemClient]) -> None:
+        self.nodes, self.clients = nodes, clients
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[_Reply]:
+        from anomalib_feddymem.federation.client import handle_evaluate, handle_train
+
+        del timeout
+        replies = []
+        for message in messages:
+            node, kind = message.metadata.dst_node_id, message.metadata.message_type
+            held = self.nodes[node]
+            if isinstance(held, str):
+                replies.append(_Reply(node, error=_Error(held)))
+            elif kind == "query":
+                replies.append(_Reply(node, RecordDict({"metrics": MetricRecord({"partition-id": held})})))
+            else:
+                handler = handle_train if kind == "train" else handle_evaluate
+                replies.append(_Reply(node, handler(self.clients[held], message.content)))
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def _inside_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower creates messages for the current run, as a ServerApp process has one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)  # the ServerApp's own node id
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _config(output: Path, **changes: object) -> FederationConfig:
+    return FederationConfig(datasets=["stripes", "disc"], clients=2, partition="category", rounds=1, image_size=64,
+                            batch_size=4, output=str(output), progress=False, model=MODEL,
+                            synthetic={"train_per_product": 6, "test_good_per_product": 2, "test_defect_per_type": 2},
+                            **changes)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_partition_no_node_holds_is_a_failed_client_with_the_nodes_reason(tmp_path: Path) -> None:
+    from anomalib_feddymem.federation.build import build_clients
+    from anomalib_feddymem.federation.runner import run_federation
+
+    config = _config(tmp_path, min_clients=1)
+    clients = build_clients(config)
+    grid = _Grid({11: 0, 12: "ValueError: SuperNode has no 'partition-id' in its --node-config"}, {0: clients[0]})
+    transport = FlowerTransport(grid, config, connect_timeout=1)
+    assert transport.client_ids == [0, 1]
+    run_federation(transport, config)
+    with (tmp_path / "metrics.csv").open() as file:
+        rows = {row["client"]: row for row in csv.DictReader(file)}
+    assert set(rows) == {"0", "1"}
+    assert rows["0"]["status"] == "ok"
+    assert rows["1"]["status"].startswith("failed: no SuperNode holds partition 1 (node(s) failed the query: node 12:")
+    assert "no 'partition-id'" in rows["1"]["status"]
+
+
+def test_no_node_holding_a_partition_stops_the_round_naming_each_partition_and_node(tmp_path: Path) -> None:
+    config = _config(tmp_path, min_clients=2)
+    reason = "ValueError: SuperNode has no 'partition-id' in its --node-config"
+    transport = FlowerTransport(_Grid({11: reason, 12: reason}, {}), config, connect_timeout=1)
+    from anomalib_feddymem.federation.runner import run_federation
+
+    with pytest.raises(FederationError) as error:
+        run_federation(transport, config)
+    text = str(error.value)
+    assert "only 0 of 2 clients replied" in text
+    for partition, node in ((0, 11), (1, 11), (1, 12)):
+        assert f"client {partition}: no SuperNode holds partition {partition}" in text
+        assert f"node {node}: {reason}" in text
