@@ -4,7 +4,7 @@
 differentiates only those ``N x (K + J)`` distances. The straightforward form (the one this
 package used before) differentiates a top-k over the whole ``N x M`` distance matrix, which
 autograd keeps alive until the backward pass. Both give the same value and gradient
-(``tests/test_loss.py``); this script prints the forward + backward time of each, median of
+(``tests/unit/test_loss.py``); this script prints the forward + backward time of each, median of
 ``--repeats``, for a batch of ``--patches`` embeddings against memories of ``--sizes`` items, and
 the size of the ``N x M`` float32 matrix the full form keeps for autograd.
 

@@ -1,14 +1,22 @@
 """Build clients: products, partition, datamodules and seeded models, for every runner.
 
 The in-process simulation, the Flower ClientApp and the benchmark all build their clients here, so
-a client is the same object whichever transport calls it.
+a client is the same object whichever transport calls it. Two ways to know a client's data:
+
+* a partition of shared products (:func:`build_partition`: simulations on one machine, and
+  SuperNodes started with ``partition-id``);
+* a site's own folder (:func:`build_site_client`: a SuperNode started with ``data-path``), which
+  reads nothing else.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from anomalib_feddymem.data import generate_synthetic_dataset
+import numpy as np
+
+from anomalib_feddymem.data import DatasetFolderError, folder_datamodule, generate_synthetic_dataset
 
 from .client import FedDyMemClient, build_model
 from .datamodules import client_datamodules, folder_products, product_sizes
@@ -18,7 +26,14 @@ if TYPE_CHECKING:
     from .config import FederationConfig
     from .datamodules import ClientDataModule
 
-__all__ = ["build_client", "build_clients", "build_partition", "product_datamodules"]
+__all__ = [
+    "build_client",
+    "build_clients",
+    "build_partition",
+    "build_site_client",
+    "product_datamodules",
+    "site_products",
+]
 
 
 def product_datamodules(config: FederationConfig) -> dict[str, Any]:
@@ -73,3 +88,39 @@ def build_clients(config: FederationConfig) -> list[FedDyMemClient]:
     """Every client of ``config``."""
     _, _, datamodules = build_partition(config)
     return [build_client(config, cid, datamodule) for cid, datamodule in enumerate(datamodules)]
+
+
+def site_products(data_path: str | Path, *, seed: int = 0) -> dict[str, Any]:
+    """A site's own products: an MVTec-layout folder (one product), or a folder of such folders.
+
+    Raises:
+        DatasetFolderError: the path is missing, holds no MVTec-layout folder, or a product has no
+            usable training image (the message names the path).
+    """
+    path = Path(data_path)
+    if not path.is_dir():
+        msg = f"data-path {path} is not a folder on this site."
+        raise DatasetFolderError(msg)
+    if (path / "train").is_dir():
+        return {path.name: folder_datamodule(path, seed=seed)}
+    names = sorted(child.name for child in path.iterdir() if (child / "train").is_dir())
+    if not names:
+        msg = f"data-path {path} is neither an MVTec-layout folder (train/good, test/...) nor a folder of them."
+        raise DatasetFolderError(msg)
+    return folder_products(path, names, seed=seed)
+
+
+def build_site_client(config: FederationConfig, client_id: int, data_path: str | Path) -> FedDyMemClient:
+    """The client of a site that holds ``data_path`` and nothing else: all of its training images."""
+    products = site_products(data_path, seed=config.seed)
+    partition = ClientPartition(client_id, {name: np.arange(size) for name, size in product_sizes(products).items()})
+    (datamodule,) = client_datamodules(
+        products,
+        [partition],
+        image_size=config.image_size,
+        train_batch_size=config.batch_size,
+        eval_batch_size=config.batch_size,
+        num_workers=0,
+        seed=config.seed,
+    )
+    return build_client(config, client_id, datamodule)

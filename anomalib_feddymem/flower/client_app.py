@@ -1,8 +1,15 @@
-"""Flower ``ClientApp``: the client step on this SuperNode's partition.
+"""Flower ``ClientApp``: the client step on this SuperNode's data.
 
-Each message rebuilds the client (model seeded exactly as in the simulation, the partition from
-the run config and ``partition-id``) and restores its state from ``context.state``, so the node
-behaves like the simulation's persistent client. Training data never leaves the node.
+A SuperNode says in its ``--node-config`` which data it holds:
+
+* ``data-path='/data/site_a'``: its own MVTec-layout folder, or a folder of them (one product
+  each). It reads nothing else; the server assigns it a client id (``partition-id`` may fix one).
+* ``partition-id=i num-partitions=N``: partition ``i`` of the products that the run config names
+  under one shared ``data-root`` (simulations on one machine).
+
+Each message rebuilds the client (model seeded exactly as in the simulation) and restores its
+state from ``context.state``, so the node behaves like the simulation's persistent client.
+Training data never leaves the node.
 """
 
 from __future__ import annotations
@@ -28,10 +35,28 @@ STATE_META = "feddymem-meta"
 app = ClientApp()
 
 
+#: The partition id a site-mode node reports when its node config does not fix one.
+UNASSIGNED = -1
+
+
+def _data_path(context: Context) -> str | None:
+    """The site's own data (``data-path`` in its node config), or ``None`` in partition mode."""
+    path = str(context.node_config.get("data-path", "") or "")
+    return path or None
+
+
 def _node_config(context: Context, config: FederationConfig) -> int:
-    """This node's partition id, checked against the run's number of clients."""
+    """This node's partition id, checked against the run's number of clients.
+
+    A site-mode node (``data-path``) without ``partition-id`` reports :data:`UNASSIGNED`.
+    """
     if "partition-id" not in context.node_config:
-        msg = "SuperNode has no 'partition-id' in its --node-config (e.g. \"partition-id=0 num-partitions=2\")."
+        if _data_path(context) is not None:
+            return UNASSIGNED
+        msg = (
+            "SuperNode's --node-config names no data: give 'data-path' (this site's folder, e.g. "
+            '"data-path=\'/data/site_a\'") or a partition of the run\'s data-root ("partition-id=0 num-partitions=2").'
+        )
         raise ValueError(msg)
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config.get("num-partitions", config.clients))
@@ -46,14 +71,19 @@ def _node_config(context: Context, config: FederationConfig) -> int:
 
 def load_client(context: Context) -> FedDyMemClient:
     """This node's client, restored from ``context.state`` when it has trained before."""
-    from anomalib_feddymem.federation.build import build_client, build_partition
+    from anomalib_feddymem.federation.build import build_client, build_partition, build_site_client
 
     config = from_run_config(context.run_config)
     partition_id = _node_config(context, config)
+    data_path = _data_path(context)
+    client_id = partition_id if partition_id != UNASSIGNED else context.node_id
     # each node writes (generated data, Lightning files) under its own folder
-    config = config.replace(output=str(config.output_dir / f"client_{partition_id}"))
-    _, _, datamodules = build_partition(config, save=False)
-    client = build_client(config, partition_id, datamodules[partition_id])
+    config = config.replace(output=str(config.output_dir / f"client_{client_id}"))
+    if data_path is not None:
+        client = build_site_client(config, client_id, data_path)
+    else:
+        _, _, datamodules = build_partition(config, save=False)
+        client = build_client(config, partition_id, datamodules[partition_id])
     if STATE_MODEL in context.state:
         state = context.state[STATE_MODEL].to_torch_state_dict()
         client.load_state_dict({"model": state, "memory_round": int(context.state[STATE_META]["memory-round"])})
@@ -68,7 +98,7 @@ def _save(client: FedDyMemClient, context: Context) -> None:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (and its sizes)."""
+    """Tell the server which partition this node holds (:data:`UNASSIGNED` for a site without one)."""
     config = from_run_config(context.run_config)
     partition_id = _node_config(context, config)
     return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id})}), reply_to=msg)

@@ -54,7 +54,10 @@ class FlowerTransport:
         self.client_ids = list(range(config.clients))
 
     def _discover(self, clients: int, connect_timeout: float) -> dict[int, int]:
-        """Partition id -> node id, by asking every connected node."""
+        """Client id -> node id, by asking every connected node which partition it holds.
+
+        A node with its own data and no fixed ``partition-id`` (a site) gets a free id.
+        """
         deadline = time.monotonic() + connect_timeout
         node_ids = list(self.grid.get_node_ids())
         while len(node_ids) < clients and time.monotonic() < deadline:
@@ -65,16 +68,27 @@ class FlowerTransport:
             raise FederationError(msg)
         messages = [Message(RecordDict({"config": ConfigRecord({})}), node, "query") for node in node_ids]
         nodes: dict[int, int] = {}
+        sites: list[int] = []
         for reply in self.grid.send_and_receive(messages, timeout=connect_timeout):
             if reply.has_error():
                 self.query_failures[reply.metadata.src_node_id] = reply.error.reason
                 logger.warning("Node %s failed the query: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
             partition_id = int(reply.content["metrics"]["partition-id"])
+            if partition_id < 0:  # a site with its own data and no fixed id
+                sites.append(reply.metadata.src_node_id)
+                continue
             if partition_id in nodes:
                 msg = f"Two SuperNodes hold partition-id={partition_id}: give each a different one."
                 raise FederationError(msg)
             nodes[partition_id] = reply.metadata.src_node_id
+        free = (cid for cid in range(clients) if cid not in nodes)
+        for node in sorted(sites):  # client ids for sites, in node-id order (stable across rounds)
+            cid = next(free, None)
+            if cid is None:
+                logger.warning("Node %s is a site beyond num-clients=%d; it takes no part.", node, clients)
+                continue
+            nodes[cid] = node
         missing = sorted(set(range(clients)) - set(nodes))
         if missing:
             logger.warning("No SuperNode holds partition(s) %s; they count as failed clients (%s).", missing,

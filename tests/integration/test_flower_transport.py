@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -19,7 +20,6 @@ from flwr.app import MetricRecord, RecordDict
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
-    from pathlib import Path
 
     from anomalib_feddymem.federation.client import FedDyMemClient
     from flwr.app import Message
@@ -128,3 +128,85 @@ def test_no_node_holding_a_partition_stops_the_round_naming_each_partition_and_n
     for partition, node in ((0, 11), (1, 11), (1, 12)):
         assert f"client {partition}: no SuperNode holds partition {partition}" in text
         assert f"node {node}: {reason}" in text
+
+
+class _AppGrid:
+    """Every node runs this package's real ClientApp handlers with its own node config and state."""
+
+    def __init__(self, node_configs: dict[int, dict[str, object]], run_config: dict[str, object]) -> None:
+        from flwr.app import Context
+
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config=run_config)
+            for node, config in node_configs.items()
+        }
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[_Reply]:
+        from anomalib_feddymem.flower import client_app
+
+        del timeout
+        handlers = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate}
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            try:
+                reply = handlers[message.metadata.message_type](message, self.contexts[node])
+            except Exception as error:  # noqa: BLE001 - Flower turns a ClientApp exception into an error reply
+                replies.append(_Reply(node, error=_Error(f"{type(error).__name__}: {error}")))
+            else:
+                replies.append(_Reply(node, reply.content))
+        return replies
+
+
+@pytest.mark.slow
+def test_sites_with_their_own_data_federate_and_an_empty_site_fails_naming_its_path(
+    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three SuperNodes name only their own folders (``data-path``); the server holds no data."""
+    from anomalib_feddymem.federation import build
+    from anomalib_feddymem.federation.config import from_run_config
+    from anomalib_feddymem.federation.runner import run_federation
+
+    site_a = synthetic_root / "stripes"  # one MVTec-layout folder
+    site_b = tmp_path / "site_b"  # a folder of them
+    site_b.mkdir()
+    for name in ("disc", "grain"):
+        (site_b / name).symlink_to(synthetic_root / name)
+    site_c = tmp_path / "site_c"  # no usable training image
+    (site_c / "train" / "good").mkdir(parents=True)
+    (site_c / "test" / "good").mkdir(parents=True)
+    read: list[Path] = []
+    original = build.folder_datamodule
+    monkeypatch.setattr(build, "folder_datamodule", lambda root, **kw: read.append(Path(root)) or original(root, **kw))
+    folder_products = build.folder_products
+    monkeypatch.setattr(build, "folder_products", lambda root, names, **kw: read.extend(Path(root) / n for n in names)
+                        or folder_products(root, names, **kw))  # fmt: skip
+
+    run_config = {"num-clients": 3, "num-server-rounds": 1, "min-clients": 2, "image-size": 64, "batch-size": 4,
+                  "seed": 0, "output": str(tmp_path / "run"), "model": str(MODEL)}  # fmt: skip
+    grid = _AppGrid(
+        {21: {"data-path": str(site_a)}, 22: {"data-path": str(site_b)}, 23: {"data-path": str(site_c)}}, run_config
+    )
+    config = from_run_config(run_config)
+    transport = FlowerTransport(grid, config, connect_timeout=1)
+    assert transport.nodes == {0: 21, 1: 22, 2: 23}  # ids for sites in node-id order
+    result = run_federation(transport, config)
+    with (tmp_path / "run" / "metrics.csv").open() as file:
+        rows = {row["client"]: row for row in csv.DictReader(file)}
+    assert rows["0"]["status"] == "ok"
+    assert rows["1"]["status"] == "ok"
+    # each site trained on its own training images only
+
+    def train_count(*folders: Path) -> int:
+        return sum(len(list((folder / "train" / "good").iterdir())) for folder in folders)
+
+    assert int(rows["0"]["train_images"]) == train_count(site_a)
+    assert int(rows["1"]["train_images"]) == train_count(site_b / "disc", site_b / "grain")
+    assert rows["2"]["status"].startswith("failed:")
+    assert str(site_c) in rows["2"]["status"]
+    assert result.global_memory.shape[0] > 0
+    assert set(read) >= {site_a, site_b / "disc", site_b / "grain"}
+    assert all(path in {site_a, site_b / "disc", site_b / "grain", site_c} for path in read), read
