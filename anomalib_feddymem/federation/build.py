@@ -19,7 +19,7 @@ import numpy as np
 from anomalib_feddymem.data import DatasetFolderError, folder_datamodule, generate_synthetic_dataset
 
 from .client import FedDyMemClient, build_model
-from .datamodules import client_datamodules, folder_products, product_sizes
+from .datamodules import client_datamodules, folder_products, named_products, product_sizes
 from .partition import ClientPartition, partition_indices, save_partition_summary
 
 if TYPE_CHECKING:
@@ -37,14 +37,18 @@ __all__ = [
 
 
 def product_datamodules(config: FederationConfig) -> dict[str, Any]:
-    """The products' anomalib datamodules: folders of ``data_root``, or the generated synthetic set."""
-    if config.data_root is None:
+    """The products' anomalib datamodules: ``datasets`` as folders of ``data_root`` or datamodules.
+
+    Without ``data_root`` and with folder names only, the embedded synthetic products are
+    generated under ``output/data/synthetic``.
+    """
+    root = config.data_root
+    if root is None and all(isinstance(entry, str) for entry in config.datasets):
         root = config.output_dir / "data" / "synthetic"
         generate_synthetic_dataset(
             root, config.datasets, image_size=config.image_size, seed=config.seed, **config.synthetic
         )
-        return folder_products(root, config.datasets, seed=config.seed)
-    return folder_products(config.data_root, config.datasets, seed=config.seed)
+    return named_products(config.datasets, root, seed=config.seed)
 
 
 def build_partition(
@@ -90,16 +94,33 @@ def build_clients(config: FederationConfig) -> list[FedDyMemClient]:
     return [build_client(config, cid, datamodule) for cid, datamodule in enumerate(datamodules)]
 
 
+def _yaml_products(path: Path, *, seed: int) -> dict[str, Any]:
+    """``products:`` of a site's YAML: anomalib datamodules, or folder names beside the file."""
+    import yaml
+
+    loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    entries = loaded.get("products") if isinstance(loaded, dict) else None
+    if not isinstance(entries, list) or not entries:
+        msg = f"data-path {path}: expected a non-empty `products:` list (class_path/init_args or folder names)."
+        raise DatasetFolderError(msg)
+    return named_products(entries, path.parent, seed=seed)
+
+
 def site_products(data_path: str | Path, *, seed: int = 0) -> dict[str, Any]:
-    """A site's own products: an MVTec-layout folder (one product), or a folder of such folders.
+    """A site's own products, from its ``data-path``.
+
+    The path is an MVTec-layout folder (one product), a folder of such folders, or a YAML file
+    whose ``products:`` lists anomalib datamodules (``class_path``/``init_args``) or folder names.
 
     Raises:
         DatasetFolderError: the path is missing, holds no MVTec-layout folder, or a product has no
             usable training image (the message names the path).
     """
     path = Path(data_path)
+    if path.suffix in {".yaml", ".yml"} and path.is_file():
+        return _yaml_products(path, seed=seed)
     if not path.is_dir():
-        msg = f"data-path {path} is not a folder on this site."
+        msg = f"data-path {path} is not a folder (or a products YAML file) on this site."
         raise DatasetFolderError(msg)
     if (path / "train").is_dir():
         return {path.name: folder_datamodule(path, seed=seed)}

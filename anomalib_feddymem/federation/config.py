@@ -42,7 +42,8 @@ class FederationConfig:
     Attributes:
         data_root: Folder whose sub-folders (``datasets``) are MVTec-layout datasets; ``None``
             uses the embedded synthetic dataset, generated under ``output/data``.
-        datasets: Products: folder names of ``data_root``, or synthetic product names.
+        datasets: Products: folder names of ``data_root``, synthetic product names, or anomalib
+            datamodules given as anomalib's configs give data (``{class_path, init_args}``).
         clients: Number of clients ``N``.
         partition: ``category``, ``iid``, ``dirichlet`` or ``quantity``.
         alpha: Dirichlet concentration (``dirichlet``/``quantity``).
@@ -66,7 +67,7 @@ class FederationConfig:
     """
 
     data_root: str | None = None
-    datasets: list[str] = field(default_factory=lambda: ["stripes", "checker", "disc", "grain"])
+    datasets: list[str | dict[str, Any]] = field(default_factory=lambda: ["stripes", "checker", "disc", "grain"])
     clients: int = 3
     partition: str = "dirichlet"
     alpha: float = 0.5

@@ -8,6 +8,7 @@ loading. Products of different image sizes are resized in the datasets so they b
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,11 +22,19 @@ from anomalib_feddymem.data import folder_datamodule
 from .partition import ClientPartition, PartitionError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Sequence
 
     from anomalib.data.datasets.base.image import AnomalibDataset
 
-__all__ = ["ClientDataModule", "client_datamodules", "folder_products", "product_sizes"]
+__all__ = [
+    "ClientDataModule",
+    "client_datamodules",
+    "datamodule_from_spec",
+    "folder_products",
+    "named_products",
+    "product_name",
+    "product_sizes",
+]
 
 
 class ClientDataModule(AnomalibDataModule):
@@ -84,6 +93,73 @@ class ClientDataModule(AnomalibDataModule):
         self._update_augmentations()
 
 
+def product_name(spec: str | Mapping[str, object]) -> str:
+    """A product's name: a folder name as given, or an anomalib datamodule's ``name``/``category``."""
+    if isinstance(spec, str):
+        return spec
+    init_args = spec.get("init_args") or {}
+    if not isinstance(init_args, Mapping):
+        msg = f"Product {dict(spec)}: init_args must be a mapping."
+        raise PartitionError(msg)
+    name = init_args.get("name") or init_args.get("category") or str(spec.get("class_path", "")).split(".")[-1]
+    return str(name)
+
+
+def datamodule_from_spec(spec: Mapping[str, object], *, seed: int = 0) -> AnomalibDataModule:
+    """An anomalib datamodule given as anomalib's configs give data: ``{class_path, init_args}``.
+
+    Raises:
+        PartitionError: no ``class_path``, an unknown datamodule class, or arguments it refuses.
+    """
+    from anomalib.data import get_datamodule
+
+    if "class_path" not in spec:
+        msg = f"Product {dict(spec)} has no class_path (e.g. anomalib.data.MVTecAD or anomalib.data.Folder)."
+        raise PartitionError(msg)
+    init_args = {"seed": seed, "num_workers": 0, **dict(spec.get("init_args") or {})}
+    try:
+        return get_datamodule({"class_path": spec["class_path"], "init_args": init_args})
+    except Exception as error:  # anomalib raises its own types (unknown class, bad arguments, missing folders)
+        msg = f"Product {product_name(spec)!r} ({spec['class_path']}): {type(error).__name__}: {error}"
+        raise PartitionError(msg) from error
+
+
+def named_products(
+    entries: Sequence[str | Mapping[str, object]],
+    data_root: str | Path | None,
+    *,
+    check_images: bool = True,
+    seed: int = 0,
+) -> dict[str, AnomalibDataModule]:
+    """Products by name, in the order given: folder names and anomalib datamodules.
+
+    A string is a folder of ``data_root`` (a validated MVTec-layout folder); a mapping is an
+    anomalib datamodule given as ``{class_path, init_args}``.
+
+    Raises:
+        PartitionError: no product, a name given twice, or a folder name without ``data_root``.
+        DatasetFolderError: a named folder is missing or unusable (the message names it).
+    """
+    if not entries:
+        msg = f"No datasets named: pass --datasets a,b,... (folders of {data_root})."
+        raise PartitionError(msg)
+    names = [product_name(entry) for entry in entries]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        msg = f"--datasets names {duplicates} more than once."
+        raise PartitionError(msg)
+    products: dict[str, AnomalibDataModule] = {}
+    for name, entry in zip(names, entries, strict=True):
+        if not isinstance(entry, str):
+            products[name] = datamodule_from_spec(entry, seed=seed)
+        elif data_root is None:
+            msg = f"Product {name!r} is a folder name, but no data_root says where its folder is."
+            raise PartitionError(msg)
+        else:
+            products[name] = folder_datamodule(Path(data_root) / name, check_images=check_images, seed=seed)
+    return products
+
+
 def folder_products(
     data_root: str | Path,
     datasets: Sequence[str],
@@ -92,15 +168,7 @@ def folder_products(
     seed: int = 0,
 ) -> dict[str, AnomalibDataModule]:
     """Validated anomalib ``Folder`` datamodules, one per MVTec-layout folder ``data_root/<name>``."""
-    data_root = Path(data_root)
-    if not datasets:
-        msg = f"No datasets named: pass --datasets a,b,... (folders of {data_root})."
-        raise PartitionError(msg)
-    duplicates = sorted({name for name in datasets if list(datasets).count(name) > 1})
-    if duplicates:
-        msg = f"--datasets names {duplicates} more than once."
-        raise PartitionError(msg)
-    return {name: folder_datamodule(data_root / name, check_images=check_images, seed=seed) for name in datasets}
+    return named_products(datasets, data_root, check_images=check_images, seed=seed)
 
 
 def product_sizes(products: Mapping[str, AnomalibDataModule]) -> dict[str, int]:
