@@ -6,8 +6,7 @@ post-processor): exactly what the exported OpenVINO model computes, so the two f
 The figure is the median over the images after one warm-up call.
 
 Both runtimes use the same number of threads (``threads``, 1 by default): on a shared CPU,
-multi-threaded timings mostly measure the other processes (two OpenMP threads on two busy cores
-ran one 64 px FedDyMem forward in ~1 s instead of ~20 ms), and one thread is the stable measure.
+multi-threaded timings mostly measure the other processes, so one thread is the stable measure.
 """
 
 from __future__ import annotations

@@ -380,9 +380,7 @@ class DynamicMemory(DynamicBufferMixin, nn.Module):
         ``"coreset"`` (default) keeps the k-center greedy coreset of the embeddings (PatchCore's
         sampler, :func:`~anomalib_feddymem.models.components.sampling.k_center_greedy`): every normal patch lies
         close to some item, rare normal textures included. ``"kmeans"`` keeps k-means centroids,
-        which average rare patches away: on headct (256 px, untrained generator) image AUROC was
-        0.802 / 0.808 with k-means and 0.829 / 0.825 with the coreset at 2048 / 4096 items
-        (``benchmarks/bench_memory_init.py``), and the coreset took 4-15x less time.
+        which average rare patches away (``benchmarks/bench_memory_init.py`` compares the two).
         """
         if method not in MEMORY_INIT_METHODS:
             msg = f"memory init method must be one of {MEMORY_INIT_METHODS}, got {method!r}."

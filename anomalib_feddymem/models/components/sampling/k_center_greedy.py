@@ -1,9 +1,9 @@
 """Exact, fast k-center greedy coreset selection (the sampler of PatchCore).
 
 anomalib's :class:`~anomalib.models.components.sampling.KCenterGreedy` recomputes the distance of
-*every* point to every new centre: ``N x D`` work per selected index, 0.175 s per
-iteration at 55k patches (mpdd_metal_plate) on two CPU cores, i.e. hours for larger categories. Almost all of
-that work is wasted: late in the greedy only points near the new centre can get closer to it.
+*every* point to every new centre: ``N x D`` work per selected index, for every index of the
+coreset (``benchmarks/bench_coreset.py`` measures it). Almost all of that work is wasted: late in
+the greedy only points near the new centre can get closer to it.
 
 :class:`FastKCenterGreedy` selects **exactly the same indices** as anomalib's sampler for the same
 random state, because it
