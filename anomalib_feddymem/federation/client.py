@@ -173,6 +173,19 @@ class FedDyMemClient:
         self.model.local_memory.reset_accumulators()
         self.memory_round = int(state["memory_round"])
 
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """A Lightning checkpoint of the client's model, as ``anomalib train`` writes one.
+
+        ``anomalib predict --ckpt_path`` and ``FedDyMem.load_from_checkpoint`` read it.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False,
+                          enable_progress_bar=False, accelerator="cpu", devices=1)  # fmt: skip
+        trainer.strategy.connect(self.model.cpu())
+        trainer.save_checkpoint(path)
+        return path
+
     def export_openvino(self, export_root: str | Path, image_size: int) -> Path:
         """Export the client's final model to OpenVINO IR, like any anomalib model."""
         self.model.cpu().eval()

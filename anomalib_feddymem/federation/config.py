@@ -243,6 +243,7 @@ RUN_CONFIG_KEYS = {
     "image-size": "image_size",
     "batch-size": "batch_size",
     "output": "output",
+    "export-openvino": "export_openvino",
 }
 #: Run-config keys that are FedDyMem model options.
 RUN_CONFIG_MODEL_KEYS = {"backbone": "backbone", "pre-trained": "pre_trained"}

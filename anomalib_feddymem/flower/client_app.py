@@ -152,4 +152,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     client = load_client(context)
     content = handle_evaluate(client, msg.content)
     _save(client, context)
+    config = from_run_config(context.run_config)
+    if int(msg.content["config"]["round"]) == config.rounds:
+        _keep_final_model(client, context, config)
     return Message(content, reply_to=msg)
+
+
+def _keep_final_model(client: FedDyMemClient, context: Context, config: FederationConfig) -> None:
+    """After the last round the site keeps its model: a Lightning checkpoint, and OpenVINO if asked.
+
+    Under the node's own ``output`` (node config), else the run's output per client.
+    """
+    output = Path(str(context.node_config.get("output", "") or config.output_dir / f"client_{client.client_id}"))
+    checkpoint = client.save_checkpoint(output / "final" / "model.ckpt")
+    logger.info("Kept the final model in %s.", checkpoint)
+    if config.export_openvino:
+        logger.info("Exported it to %s.", client.export_openvino(output / "final" / "openvino", config.image_size))

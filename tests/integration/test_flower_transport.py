@@ -194,7 +194,7 @@ def test_sites_with_their_own_data_federate_and_an_empty_site_fails_naming_its_p
 
     monkeypatch.setattr(build, "build_site_client", spy)
     run_config = {"num-clients": 3, "num-server-rounds": 1, "min-clients": 2, "image-size": 64, "batch-size": 4,
-                  "seed": 0, "output": str(tmp_path / "run"), "model": str(MODEL)}  # fmt: skip
+                  "seed": 0, "output": str(tmp_path / "run"), "model": str(MODEL), "export-openvino": True}  # fmt: skip
     grid = _AppGrid(
         {21: {"data-path": str(site_a)}, 22: {"data-path": str(site_b)}, 23: {"data-path": str(site_c)}}, run_config
     )
@@ -218,6 +218,15 @@ def test_sites_with_their_own_data_federate_and_an_empty_site_fails_naming_its_p
     assert result.global_memory.shape[0] > 0
     assert set(read) >= {site_a, site_b / "disc", site_b / "grain"}
     assert all(path in {site_a, site_b / "disc", site_b / "grain", site_c} for path in read), read
+    # after the last round each site keeps its model: a checkpoint anomalib loads, and OpenVINO
+    from anomalib_feddymem import FedDyMem
+
+    for node in (21, 22):
+        final = tmp_path / "run" / f"client_{node}" / "final"
+        kept = FedDyMem.load_from_checkpoint(final / "model.ckpt", map_location="cpu")
+        assert kept.model.memory.shape == result.global_memory.shape
+        assert (final / "openvino" / "weights" / "openvino" / "model.xml").is_file()
+    assert not (tmp_path / "run" / "client_23" / "final").exists()
     # a node opens its images once: its evaluate message found its files unchanged since train
     assert ("stripes", True) in checks
     assert ("stripes", False) in checks
