@@ -99,9 +99,9 @@ def keep_float32(xml_path: str | Path) -> int:
     if not path.is_file():
         msg = f"OpenVINO IR not found: {path}"
         raise FileNotFoundError(msg)
-    root = ET.parse(path).getroot()  # noqa: S314 - our own exporter's output
-    if root.tag != "net" or root.find("layers") is None:
-        msg = f"{path} is not an OpenVINO IR: expected <net><layers>, found <{root.tag}>."
+    tree = ET.parse(path)  # noqa: S314 - our own exporter's output
+    if tree.getroot().tag != "net" or tree.getroot().find("layers") is None:
+        msg = f"{path} is not an OpenVINO IR: expected <net><layers>, found <{tree.getroot().tag}>."
         raise ValueError(msg)
     import openvino as ov
 
@@ -113,7 +113,7 @@ def keep_float32(xml_path: str | Path) -> int:
         del model
         staged.with_suffix(".bin").replace(path.with_suffix(".bin"))
         staged.replace(path)
-    tree = ET.parse(path)  # noqa: S314 - our own exporter's output
+        tree = ET.parse(path)  # noqa: S314 - the rewritten IR
     layers = tree.getroot().find("layers")
     marked = 0
     for layer in layers.iter("layer"):
