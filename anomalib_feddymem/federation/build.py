@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from anomalib_feddymem.data import DatasetFolderError, folder_datamodule, generate_synthetic_dataset
+from anomalib_feddymem.data import DatasetFolderError, generate_synthetic_dataset
 
 from .client import FedDyMemClient, build_model
-from .datamodules import client_datamodules, folder_products, named_products, product_sizes
+from .datamodules import client_datamodules, named_products, product_sizes
 from .partition import ClientPartition, partition_indices, save_partition_summary
 
 if TYPE_CHECKING:
@@ -51,6 +51,21 @@ def product_datamodules(config: FederationConfig, *, check_images: bool = True) 
     return named_products(config.datasets, root, check_images=check_images, seed=config.seed)
 
 
+def _client_datamodules(
+    config: FederationConfig, products: dict[str, Any], partitions: list[ClientPartition]
+) -> list[ClientDataModule]:
+    """The clients' datamodules with ``config``'s image size, batch size and seed."""
+    return client_datamodules(
+        products,
+        partitions,
+        image_size=config.image_size,
+        train_batch_size=config.batch_size,
+        eval_batch_size=config.batch_size,
+        num_workers=0,
+        seed=config.seed,
+    )
+
+
 def build_partition(
     config: FederationConfig, *, save: bool = True, check_images: bool = True
 ) -> tuple[dict[str, Any], list[ClientPartition], list[Any]]:
@@ -63,15 +78,7 @@ def build_partition(
     partitions = partition_indices(
         product_sizes(products), config.clients, config.partition, alpha=config.alpha, seed=config.seed
     )
-    datamodules = client_datamodules(
-        products,
-        partitions,
-        image_size=config.image_size,
-        train_batch_size=config.batch_size,
-        eval_batch_size=config.batch_size,
-        num_workers=0,
-        seed=config.seed,
-    )
+    datamodules = _client_datamodules(config, products, partitions)
     if save:
         save_partition_summary(
             partitions, config.output_dir, scheme=config.partition, alpha=config.alpha, seed=config.seed
@@ -127,12 +134,12 @@ def site_products(data_path: str | Path, *, seed: int = 0, check_images: bool = 
         msg = f"data-path {path} is not a folder (or a products YAML file) on this site."
         raise DatasetFolderError(msg)
     if (path / "train").is_dir():
-        return {path.name: folder_datamodule(path, seed=seed, check_images=check_images)}
+        return named_products([path.name], path.parent, seed=seed, check_images=check_images)
     names = sorted(child.name for child in path.iterdir() if (child / "train").is_dir())
     if not names:
         msg = f"data-path {path} is neither an MVTec-layout folder (train/good, test/...) nor a folder of them."
         raise DatasetFolderError(msg)
-    return folder_products(path, names, seed=seed, check_images=check_images)
+    return named_products(names, path, seed=seed, check_images=check_images)
 
 
 def build_site_client(
@@ -141,13 +148,5 @@ def build_site_client(
     """The client of a site that holds ``data_path`` and nothing else: all of its training images."""
     products = site_products(data_path, seed=config.seed, check_images=check_images)
     partition = ClientPartition(client_id, {name: np.arange(size) for name, size in product_sizes(products).items()})
-    (datamodule,) = client_datamodules(
-        products,
-        [partition],
-        image_size=config.image_size,
-        train_batch_size=config.batch_size,
-        eval_batch_size=config.batch_size,
-        num_workers=0,
-        seed=config.seed,
-    )
+    (datamodule,) = _client_datamodules(config, products, [partition])
     return build_client(config, client_id, datamodule)

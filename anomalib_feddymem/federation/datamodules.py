@@ -30,7 +30,6 @@ __all__ = [
     "ClientDataModule",
     "client_datamodules",
     "datamodule_from_spec",
-    "folder_products",
     "named_products",
     "product_name",
     "product_sizes",
@@ -158,17 +157,6 @@ def named_products(
         else:
             products[name] = folder_datamodule(Path(data_root) / name, check_images=check_images, seed=seed)
     return products
-
-
-def folder_products(
-    data_root: str | Path,
-    datasets: Sequence[str],
-    *,
-    check_images: bool = True,
-    seed: int = 0,
-) -> dict[str, AnomalibDataModule]:
-    """Validated anomalib ``Folder`` datamodules, one per MVTec-layout folder ``data_root/<name>``."""
-    return named_products(datasets, data_root, check_images=check_images, seed=seed)
 
 
 def product_sizes(products: Mapping[str, AnomalibDataModule]) -> dict[str, int]:

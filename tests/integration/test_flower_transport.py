@@ -179,11 +179,9 @@ def test_sites_with_their_own_data_federate_and_an_empty_site_fails_naming_its_p
     (site_c / "train" / "good").mkdir(parents=True)
     (site_c / "test" / "good").mkdir(parents=True)
     read: list[Path] = []
-    original = build.folder_datamodule
-    monkeypatch.setattr(build, "folder_datamodule", lambda root, **kw: read.append(Path(root)) or original(root, **kw))
-    folder_products = build.folder_products
-    monkeypatch.setattr(build, "folder_products", lambda root, names, **kw: read.extend(Path(root) / n for n in names)
-                        or folder_products(root, names, **kw))  # fmt: skip
+    named_products = build.named_products
+    monkeypatch.setattr(build, "named_products", lambda names, root, **kw: read.extend(Path(root) / n for n in names)
+                        or named_products(names, root, **kw))  # fmt: skip
 
     checks: list[tuple[str, bool]] = []
     build_site_client = build.build_site_client

@@ -136,7 +136,7 @@ def test_summary_table_saved(tmp_path):
 
 def test_client_datamodules_hold_their_share(tmp_path):
     from anomalib_feddymem.data import generate_synthetic_dataset
-    from anomalib_feddymem.federation.datamodules import client_datamodules, folder_products, product_sizes
+    from anomalib_feddymem.federation.datamodules import client_datamodules, named_products, product_sizes
 
     generate_synthetic_dataset(
         tmp_path,
@@ -146,7 +146,7 @@ def test_client_datamodules_hold_their_share(tmp_path):
         test_good_per_product=2,
         test_defect_per_type=1,
     )
-    products = folder_products(tmp_path, ["stripes", "disc"])
+    products = named_products(["stripes", "disc"], tmp_path)
     sizes = product_sizes(products)
     assert sizes == {"stripes": 5, "disc": 5}
     parts = partition_indices(sizes, 2, "dirichlet", alpha=1.0, seed=2)
@@ -163,4 +163,4 @@ def test_client_datamodules_hold_their_share(tmp_path):
         assert tuple(batch.image.shape[-2:]) == (48, 48)
         assert set(batch.gt_label.tolist()) == {0, 1} or len(module.test_data) > batch.image.shape[0]
     with pytest.raises(DatasetFolderError, match="nope"):
-        folder_products(tmp_path, ["nope"])
+        named_products(["nope"], tmp_path)
