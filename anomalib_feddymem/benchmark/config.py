@@ -41,6 +41,7 @@ ABLATIONS = (
     "metric_loss",
     "no_dynamic_update",
     "no_growth",
+    "averaged_reduce",
     "abstract_kmeans",
     "reduce_ratio",
     "global_memory_size",

@@ -357,6 +357,9 @@ def _ablation_changes(config: BenchmarkConfig) -> list[tuple[str, str, dict[str,
             variants.append((name, f"use_metric_loss={flipped}", model(use_metric_loss=flipped)))
         elif name == "no_growth":
             variants.append((name, "grow_global_memory=False", model(grow_global_memory=False)))
+        elif name == "averaged_reduce":  # the abstract's weighted averages over the same k-center groups
+            options = {"reduce_method": "kcenter", "aggregation": "kcenter"}
+            variants.append((name, "reduce and server send group means", model(**options)))
         elif name == "abstract_kmeans":
             options = {"reduce_method": "kmeans", "aggregation": "kmeans", "grow_global_memory": False}
             variants.append((name, "k-means reduce and server, no growth", model(**options)))

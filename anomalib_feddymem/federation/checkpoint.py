@@ -62,6 +62,11 @@ class Checkpointer:
         """Folder of one round's checkpoint."""
         return self.root / f"round_{round_number:03d}"
 
+    @staticmethod
+    def round_of(folder: Path) -> int:
+        """The round number of a round folder (:meth:`round_dir`)."""
+        return int(folder.name.removeprefix("round_"))
+
     def exists(self) -> bool:
         """Whether a complete checkpoint is present."""
         return self.latest_file.is_file()

@@ -93,7 +93,7 @@ def server_step(
     seed: int = 0,
     previous: torch.Tensor | None = None,
     min_clients: int = 1,
-    method: str = "kcenter",
+    method: str = "coreset",
     grow: bool = False,
     previous_weights: torch.Tensor | None = None,
 ) -> ServerResult:
@@ -107,7 +107,7 @@ def server_step(
         seed: k-means seed.
         previous: Previous global memory (warm start).
         min_clients: Fewest accepted uploads for the round to count.
-        method: Grouping of a union larger than ``size`` (``"kcenter"`` or ``"kmeans"``).
+        method: Grouping of a union larger than ``size`` (one of ``GROUPING_METHODS``).
         grow: Keep the previous global memory (with ``previous_weights``) in the union.
         previous_weights: Weights of ``previous``.
 

@@ -12,6 +12,11 @@ seeded exactly as in the simulation) and restores its state from ``context.state
 behaves like the simulation's persistent client. What a rebuild can skip, it does: the images are
 opened and checked only when the node's files changed since they last were (a fingerprint of
 names, sizes and modification times kept in ``context.state``). Training data never leaves the node.
+
+After each round the node also writes its client's state under its own output
+(``state/round_<r>.pt``): a resumed run (``resume=true``) is a new Flower run with an empty
+``context.state``, and each node continues from its own file of the server's last checkpointed
+round. The state stays on the site, like its data.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ if TYPE_CHECKING:  # torch/anomalib are imported by the handlers that need them,
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["app", "data_fingerprint", "load_client"]
+__all__ = ["app", "data_fingerprint", "load_client", "node_output", "state_file"]
 
 STATE_MODEL = "feddymem-model"
 STATE_META = "feddymem-meta"
@@ -95,14 +100,32 @@ def data_fingerprint(folders: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def load_client(context: Context) -> FedDyMemClient:
-    """This node's client, restored from ``context.state`` when it has trained before."""
+def node_output(context: Context, config: FederationConfig, client_id: int) -> Path:
+    """This node's own folder: ``output`` of its node config, else the run's output per client."""
+    return Path(str(context.node_config.get("output", "") or config.output_dir / f"client_{client_id}"))
+
+
+def state_file(output: Path, round_number: int) -> Path:
+    """Where a node keeps its client's state after ``round_number``."""
+    return output / "state" / f"round_{round_number:03d}.pt"
+
+
+def load_client(context: Context, restore_round: int = 0) -> FedDyMemClient:
+    """This node's client, restored from ``context.state`` when it has trained in this run.
+
+    Args:
+        context: The node's context of this run.
+        restore_round: The server's checkpointed round a resumed run continues from: a node with
+            nothing in ``context.state`` (the run is new to it) loads its own state file of that
+            round; a missing file is an error naming it.
+    """
     from anomalib_feddymem.federation.build import build_client, build_partition, build_site_client
 
     config = from_run_config(context.run_config)
     partition_id = _node_config(context, config)
     data_path = _data_path(context)
     client_id = partition_id if partition_id != UNASSIGNED else context.node_id
+    saved_state = state_file(node_output(context, config, client_id), restore_round)
     # each node writes (generated data, Lightning files) under its own folder
     config = config.replace(output=str(config.output_dir / f"client_{client_id}"))
     fingerprint = data_fingerprint(_data_folders(config, data_path))
@@ -116,13 +139,36 @@ def load_client(context: Context) -> FedDyMemClient:
     if STATE_MODEL in context.state:
         state = context.state[STATE_MODEL].to_torch_state_dict()
         client.load_state_dict({"model": state, "memory_round": int(context.state[STATE_META]["memory-round"])})
+    elif restore_round > 0:
+        import torch
+
+        path = saved_state
+        if not path.is_file():
+            msg = (
+                f"Cannot resume client {client_id} after round {restore_round}: this node has no saved state "
+                f"{path} (start it with the node config and output of the interrupted run)."
+            )
+            raise FileNotFoundError(msg)
+        client.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        logger.info("Resumed client %d from %s.", client_id, path)
     return client
 
 
-def _save(client: FedDyMemClient, context: Context) -> None:
+def _save(client: FedDyMemClient, context: Context, round_number: int | None = None) -> None:
+    """Keep the client's state in ``context.state``; with ``round_number`` also in the node's file."""
     state = client.state_dict()
     context.state[STATE_MODEL] = ArrayRecord(torch_state_dict=state["model"])
     context.state[STATE_META] = ConfigRecord({"memory-round": state["memory_round"]})
+    if round_number is not None:
+        import torch
+
+        path = state_file(node_output(context, from_run_config(context.run_config), client.client_id), round_number)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+        for old in sorted(path.parent.glob("round_*.pt"))[:-2]:  # the last two rounds are enough to resume
+            old.unlink()
 
 
 @app.query()
@@ -138,9 +184,9 @@ def train(msg: Message, context: Context) -> Message:
     """Client step: local epochs against ``G``, dynamic memory, memory-reduce; reply with the upload."""
     from anomalib_feddymem.federation.client import handle_train
 
-    client = load_client(context)
+    client = load_client(context, int(msg.content["config"].get("restore-round", 0)))
     content = handle_train(client, msg.content)
-    _save(client, context)
+    _save(client, context, int(msg.content["config"]["round"]))  # the round's state, until evaluate adds G
     return Message(content, reply_to=msg)
 
 
@@ -149,21 +195,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Install this round's ``G`` and report rank-based AUROCs on this node's test images."""
     from anomalib_feddymem.federation.client import handle_evaluate
 
-    client = load_client(context)
+    client = load_client(context, int(msg.content["config"].get("restore-round", 0)))
     content = handle_evaluate(client, msg.content)
-    _save(client, context)
+    round_number = int(msg.content["config"]["round"])
+    _save(client, context, round_number)
     config = from_run_config(context.run_config)
-    if int(msg.content["config"]["round"]) == config.rounds:
+    if round_number == config.rounds:
         _keep_final_model(client, context, config)
     return Message(content, reply_to=msg)
 
 
 def _keep_final_model(client: FedDyMemClient, context: Context, config: FederationConfig) -> None:
-    """After the last round the site keeps its model: a Lightning checkpoint, and OpenVINO if asked.
-
-    Under the node's own ``output`` (node config), else the run's output per client.
-    """
-    output = Path(str(context.node_config.get("output", "") or config.output_dir / f"client_{client.client_id}"))
+    """After the last round the site keeps its model: a Lightning checkpoint, and OpenVINO if asked."""
+    output = node_output(context, config, client.client_id)
     checkpoint = client.save_checkpoint(output / "final" / "model.ckpt")
     logger.info("Kept the final model in %s.", checkpoint)
     if config.export_openvino:

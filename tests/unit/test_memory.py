@@ -115,12 +115,13 @@ def test_weighted_kmeans_rejects_bad_input(points: torch.Tensor, weights: torch.
 
 
 # --------------------------------------------------------------------------------- memory-reduce
+@pytest.mark.parametrize("method", ["kcenter", "kmeans"])
 @pytest.mark.parametrize("ratio", [1.5, 4.0, 8.0])
-def test_memory_reduce_preserves_weighted_mean_and_total_weight(ratio: float) -> None:
+def test_averaging_memory_reduce_preserves_weighted_mean_and_total_weight(ratio: float, method: str) -> None:
     generator = torch.Generator().manual_seed(0)
     items = torch.randn(64, 8, generator=generator) * 3
     counts = torch.randint(1, 50, (64,), generator=generator).float()
-    reduced, weights = memory_reduce(items, counts, ratio, seed=0)
+    reduced, weights = memory_reduce(items, counts, ratio, seed=0, method=method)
     assert reduced.shape[0] <= -(-64 // ratio)
     assert reduced.shape[1] == 8
     assert float(weights.sum()) == pytest.approx(float(counts.sum()))
@@ -139,10 +140,36 @@ def test_memory_reduce_merges_duplicates_by_weighted_average() -> None:
     """Two tight groups of items become two items: their count-weighted means."""
     items = torch.tensor([[0.0, 0.0], [0.2, 0.0], [10.0, 10.0], [10.0, 10.6]])
     counts = torch.tensor([3.0, 1.0, 1.0, 2.0])
-    reduced, weights = memory_reduce(items, counts, 2.0, seed=0)
+    reduced, weights = memory_reduce(items, counts, 2.0, seed=0, method="kcenter")
     order = reduced[:, 0].argsort()
     torch.testing.assert_close(reduced[order], torch.tensor([[0.05, 0.0], [10.0, 10.4]]))
     torch.testing.assert_close(weights[order], torch.tensor([4.0, 3.0]))
+
+
+def test_coreset_memory_reduce_keeps_real_items_weighted_by_their_groups() -> None:
+    """The default reduce sends k-center items as they are, each with its group's total count.
+
+    Hand-made: a tight group of three near the origin, a pair at (10, 10) and a rare item far away.
+    Three groups: the rare item survives exactly (an average would have pulled it in), each sent item
+    is one of the inputs, and the weights are the groups' total counts.
+    """
+    items = torch.tensor([[0.0, 0.0], [0.2, 0.0], [0.0, 0.2], [10.0, 10.0], [10.0, 10.4], [40.0, -30.0]])
+    counts = torch.tensor([3.0, 1.0, 1.0, 2.0, 2.0, 1.0])
+    reduced, weights = memory_reduce(items, counts, 2.0, seed=0)
+    assert reduced.shape == (3, 2)
+    assert all(bool((items == row).all(dim=1).any()) for row in reduced), "every sent item is a bank item"
+    by_x = reduced[:, 0].argsort()
+    assert torch.equal(reduced[by_x[2]], torch.tensor([40.0, -30.0]))
+    torch.testing.assert_close(weights[by_x], torch.tensor([5.0, 4.0, 1.0]))
+
+
+def test_coreset_reduce_from_covered_adds_only_what_the_global_memory_lacks() -> None:
+    """With ``covered`` the new items go where ``G`` is farthest, and items ``G`` covers are not sent."""
+    covered = torch.tensor([[0.0, 0.0]])
+    items = torch.tensor([[0.1, 0.0], [0.0, 0.1], [20.0, 0.0], [20.5, 0.0], [0.0, -30.0]])
+    reduced, weights = memory_reduce(items, torch.ones(5), 2.5, seed=0, covered=covered)
+    assert {tuple(row.tolist()) for row in reduced} == {(0.0, -30.0), (20.5, 0.0)}
+    assert float(weights.sum()) == pytest.approx(3.0)  # the two items near G's item are left to G
 
 
 def test_memory_reduce_rejects_growing_ratio() -> None:
@@ -154,12 +181,17 @@ def test_memory_reduce_rejects_growing_ratio() -> None:
 def test_aggregate_memories_clusters_the_union_of_uploads() -> None:
     points, labels = blobs()
     uploads = [(points[labels == 0], torch.full((20,), 2.0)), (points[labels != 0], torch.ones(40))]
+    all_points = torch.cat([u[0] for u in uploads])
+    all_weights = torch.cat([u[1] for u in uploads])
+    memory, weights = aggregate_memories(uploads, 3, seed=0, method="kcenter")
+    assert sorted(match_to_centers(memory).tolist()) == [0, 1, 2]
+    assert float(weights.sum()) == pytest.approx(80.0)
+    torch.testing.assert_close(weighted_mean(memory, weights), weighted_mean(all_points, all_weights))
+    # the default keeps one uploaded item per group, weighted by the group's total
     memory, weights = aggregate_memories(uploads, 3, seed=0)
     assert sorted(match_to_centers(memory).tolist()) == [0, 1, 2]
     assert float(weights.sum()) == pytest.approx(80.0)
-    all_points = torch.cat([u[0] for u in uploads])
-    all_weights = torch.cat([u[1] for u in uploads])
-    torch.testing.assert_close(weighted_mean(memory, weights), weighted_mean(all_points, all_weights))
+    assert all(bool((all_points == row).all(dim=1).any()) for row in memory)
 
 
 def test_aggregate_memories_warm_starts_from_previous_global_memory() -> None:

@@ -106,6 +106,17 @@ def test_scores_do_not_depend_on_the_rest_of_the_batch(network: FedDyMemModel) -
     torch.testing.assert_close(together.anomaly_map[1:2], alone.anomaly_map, atol=1e-5, rtol=1e-5)
 
 
+def test_state_dict_round_trip_rebuilds_the_scoring_buffers(network: FedDyMemModel) -> None:
+    """Scoring uses buffers derived from G that are not saved: loading G must rebuild them."""
+    network.set_memory(torch.randn(16, EMBEDDING_DIM, generator=torch.Generator().manual_seed(0)) + 5)
+    state = network.state_dict()
+    assert not any(key.startswith(("negated_items", "item_norms", "memory_center")) for key in state)
+    restored = FedDyMemModel(backbone="tf_efficientnet_lite0", pre_trained=False, embedding_dim=EMBEDDING_DIM).eval()
+    restored.load_state_dict(state)
+    batch = images(2)
+    torch.testing.assert_close(restored(batch).anomaly_map, network(batch).anomaly_map)
+
+
 def test_training_mode_returns_embeddings_and_eval_needs_memory() -> None:
     network = FedDyMemModel(backbone="tf_efficientnet_lite0", pre_trained=False, embedding_dim=8)
     embedding = network.train()(images(2))

@@ -85,13 +85,16 @@ class FedDyMem(AnomalibModule):
         global_memory_size: Most items of the global memory ``G``: a union of uploads that fits is
             kept whole, a larger one is grouped by ``aggregation``.
         reduce_ratio: Memory-reduce ratio before upload (``K_c / ratio`` items are sent).
-        reduce_method: How memory-reduce groups items before averaging them: ``"kcenter"``
-            (greedy k-center groups: near-duplicates merge, rare patches stay) or ``"kmeans"``.
-        aggregation: How the server groups a union larger than ``global_memory_size``:
-            ``"kcenter"`` or ``"kmeans"`` (weighted k-means, warm-started from the previous ``G``).
+        reduce_method: How memory-reduce groups the bank's items: greedy k-center groups, each
+            sent as its k-center item (``"coreset"``, the default: every item stays a real patch,
+            so the upload is a coreset of the bank) or as its weighted average (``"kcenter"``, the
+            abstract's weighted averages over coverage-keeping groups); or weighted k-means
+            groups averaged (``"kmeans"``). Every group carries its total count as its weight.
+        aggregation: How the server groups a union larger than ``global_memory_size``: one of
+            ``reduce_method``'s choices (``"kmeans"`` warm-starts from the previous ``G``).
         upload_precision: Wire precision of uploaded items: ``"float32"``, ``"float16"`` or
             ``"int8"`` (per-dimension affine code, 4x fewer bytes than float32).
-        grow_global_memory: Once a client holds ``G``, its memory-reduce (``kcenter``) uploads only
+        grow_global_memory: Once a client holds ``G``, its memory-reduce (k-center) uploads only
             the groups of its bank that ``G`` covers worst, and the server adds them to ``G``: the
             global memory grows round by round instead of being rebuilt from the same uploads.
         memory_momentum: EMA momentum of the dynamic memory update: 1 (measured best) moves every hit
@@ -124,8 +127,8 @@ class FedDyMem(AnomalibModule):
         memory_init: Literal["coreset", "kmeans"] = "coreset",
         global_memory_size: int = 65536,
         reduce_ratio: float = 8.0,
-        reduce_method: Literal["kcenter", "kmeans"] = "kcenter",
-        aggregation: Literal["kcenter", "kmeans"] = "kcenter",
+        reduce_method: Literal["coreset", "kcenter", "kmeans"] = "coreset",
+        aggregation: Literal["coreset", "kcenter", "kmeans"] = "coreset",
         upload_precision: Literal["float32", "float16", "int8"] = "int8",
         grow_global_memory: bool = True,
         memory_momentum: float = 1.0,

@@ -5,8 +5,10 @@
 * :func:`memory_reduce` shrinks a bank by weighted averaging before upload.
 * :func:`aggregate_memories` is the server's step: the union of the uploads, grouped when it
   exceeds the global memory's size.
-* :func:`group_items` is the grouping of both: greedy k-center groups (:func:`kcenter_grouping`,
-  which keeps rare normal patches) or weighted k-means (:func:`weighted_kmeans`, the abstract's).
+* :func:`group_items` is the grouping of both: greedy k-center groups (:func:`kcenter_grouping`),
+  represented by their k-center point (``"coreset"``, the default, which keeps every item a real
+  patch) or by their weighted mean (``"kcenter"``), or weighted k-means (:func:`weighted_kmeans`,
+  ``"kmeans"``, the abstract's weighted averages).
 
 All functions are plain tensor code (no Lightning), so the federation calls them directly.
 """
@@ -24,8 +26,9 @@ from anomalib_feddymem.models.components.sampling import k_center_greedy
 MEMORY_INIT_METHODS = ("coreset", "kmeans")
 #: Wire precisions of uploaded items (see :mod:`anomalib_feddymem.federation.messages`).
 UPLOAD_PRECISIONS = ("float32", "float16", "int8")
-#: How memory-reduce and the server group items into weighted averages.
-GROUPING_METHODS = ("kcenter", "kmeans")
+#: How memory-reduce and the server group items: k-center groups kept as their centre point
+#: (``"coreset"``) or as their weighted mean (``"kcenter"``), or weighted k-means (``"kmeans"``).
+GROUPING_METHODS = ("coreset", "kcenter", "kmeans")
 
 
 def squared_distances(queries: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -181,6 +184,7 @@ def kcenter_grouping(
     seed: int = 0,
     max_points: int = 32768,
     covered: torch.Tensor | None = None,
+    average: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Coverage-preserving grouping: k-center centres, every point to its nearest, weighted means.
 
@@ -195,6 +199,12 @@ def kcenter_grouping(
     new groups are returned. This is how a client adds to ``G`` what it lacks instead of sending
     again what it holds.
 
+    With ``average=False`` each group is represented by its centre itself (a real item, weighted
+    by its group's total weight): the items are then the greedy k-center coreset of the input, so
+    every input item lies within the coreset's covering radius of one of them. A weighted mean of a
+    spread-out group lies between its members and covers its farthest ones worse than the centre
+    does, which costs detection where normal patches vary a lot (the README's reduce ablation).
+
     Args:
         points: ``(N, d)`` items.
         weights: ``(N,)`` non-negative weights (counts); zero-weight items are ignored.
@@ -204,6 +214,7 @@ def kcenter_grouping(
         max_points: Without ``covered``, centres are chosen among a seeded subsample of this many
             points (all points are still assigned and averaged).
         covered: Optional ``(M, d)`` items already held elsewhere.
+        average: Represent each group by its weighted mean (``True``) or by its centre (``False``).
 
     Returns:
         ``(items, weights)``, float32, at most ``k`` rows.
@@ -219,12 +230,23 @@ def kcenter_grouping(
         centres = x[_farthest_first(x, min_sq, k)]
         labels = nearest_items(x, torch.cat([held, centres])) - held.shape[0]
         new = labels >= 0
-        return _group_means(x[new], w[new], labels[new], centres.shape[0])
+        return _represent_groups(x[new], w[new], labels[new], centres, average)
     if x.shape[0] <= k:
         return x, w
     generator = torch.Generator().manual_seed(seed)
     centres = _kcenter_centres(x, k, generator, max_points)
-    return _group_means(x, w, nearest_items(x, centres), k)
+    return _represent_groups(x, w, nearest_items(x, centres), centres, average)
+
+
+def _represent_groups(
+    points: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor, centres: torch.Tensor, average: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each non-empty group as its weighted mean or as its centre, with the group's total weight."""
+    if average:
+        return _group_means(points, weights, labels, centres.shape[0])
+    totals = torch.bincount(labels, weights=weights.double(), minlength=centres.shape[0])
+    keep = totals > 0
+    return centres[keep].contiguous(), totals[keep].float()
 
 
 def weighted_kmeans(
@@ -296,15 +318,16 @@ def group_items(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group weighted items into at most ``k`` weighted averages with ``method`` (:data:`GROUPING_METHODS`).
 
-    ``"kcenter"`` (:func:`kcenter_grouping`) keeps rare items as groups of their own;
-    ``"kmeans"`` (:func:`weighted_kmeans`, warm-started from ``init``) minimises the weighted
-    squared error and so averages rare items into their neighbours.
+    ``"coreset"`` and ``"kcenter"`` (:func:`kcenter_grouping`) keep rare items as groups of their
+    own, represented by the group's k-center point or by its weighted mean; ``"kmeans"``
+    (:func:`weighted_kmeans`, warm-started from ``init``) minimises the weighted squared error and
+    so averages rare items into their neighbours.
     """
     if method not in GROUPING_METHODS:
         msg = f"grouping method must be one of {list(GROUPING_METHODS)}, got {method!r}."
         raise ValueError(msg)
-    if method == "kcenter":
-        return kcenter_grouping(points, weights, k, seed=seed)
+    if method in {"coreset", "kcenter"}:
+        return kcenter_grouping(points, weights, k, seed=seed, average=method == "kcenter")
     return weighted_kmeans(points, weights, k, seed=seed, init=init)
 
 
@@ -314,15 +337,17 @@ def memory_reduce(
     ratio: float,
     *,
     seed: int = 0,
-    method: str = "kcenter",
+    method: str = "coreset",
     covered: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shrink a memory bank by ``ratio`` by weighted averaging (FedDyMem's memory-reduce).
+    """Shrink a memory bank by ``ratio`` (FedDyMem's memory-reduce).
 
-    Items are grouped (:func:`group_items`) into ``ceil(K / ratio)`` groups; each group becomes
-    one item ``sum(w_i m_i) / sum(w_i)`` with weight ``sum(w_i)``, ``w`` being the item counts.
-    With ``covered`` (the current global memory; ``"kcenter"`` only) the groups are the ones that
-    ``covered`` lacks (see :func:`kcenter_grouping`).
+    Items are grouped (:func:`group_items`) into ``ceil(K / ratio)`` groups, each with weight
+    ``sum(w_i)``, ``w`` being the item counts. The abstract's memory-reduce makes each group the
+    weighted average ``sum(w_i m_i) / sum(w_i)`` (``"kcenter"``, ``"kmeans"``); ``"coreset"``
+    keeps the group's k-center point instead. With ``covered`` (the current global memory; the
+    k-center methods only) the groups are the ones that ``covered`` lacks (see
+    :func:`kcenter_grouping`).
 
     Returns:
         ``(reduced_items, reduced_weights)``.
@@ -331,8 +356,8 @@ def memory_reduce(
         msg = f"memory-reduce ratio must be >= 1, got {ratio}."
         raise ValueError(msg)
     target = max(1, math.ceil(items.shape[0] / ratio))
-    if covered is not None and method == "kcenter":
-        return kcenter_grouping(items, counts, target, seed=seed, covered=covered)
+    if covered is not None and method in {"coreset", "kcenter"}:
+        return kcenter_grouping(items, counts, target, seed=seed, covered=covered, average=method == "kcenter")
     return group_items(items, counts, target, method, seed=seed)
 
 
@@ -455,7 +480,7 @@ def aggregate_memories(
     seed: int = 0,
     previous: torch.Tensor | None = None,
     previous_weights: torch.Tensor | None = None,
-    method: str = "kcenter",
+    method: str = "coreset",
     grow: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Server aggregation: the union of the uploaded reduced memories, grouped to at most ``size``.
@@ -472,7 +497,7 @@ def aggregate_memories(
         previous: Previous global memory: the k-means warm start when its size matches, and with
             ``grow`` part of the union.
         previous_weights: Weights of ``previous`` (ones when ``None``).
-        method: ``"kcenter"`` or ``"kmeans"``.
+        method: One of :data:`GROUPING_METHODS`.
         grow: Keep ``previous`` in the union: ``G`` accumulates what clients add round by round.
 
     Returns:

@@ -19,7 +19,6 @@ from torch.nn import functional as F  # noqa: N812 - torch's and anomalib's conv
 from anomalib_feddymem.models.components.weights import has_offline_weights
 
 from .anomaly_map import AnomalyMapGenerator
-from .memory import squared_distances
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -121,6 +120,11 @@ class MemoryGenerator(nn.Module):
         return self.conv(torch.cat([features, self.coordinates(features)], dim=1))
 
 
+def _derive_after_load(module: FedDyMemModel, _incompatible_keys: object) -> None:
+    """Load hook (a module-level function, so that the model still pickles for TORCH export)."""
+    module._derive_memory()  # noqa: SLF001 - the model's own refresh after its state was loaded
+
+
 class FedDyMemModel(DynamicBufferMixin, nn.Module):
     """FedDyMem network: frozen backbone, memory generator and global memory ``G``.
 
@@ -173,6 +177,13 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
         self.register_buffer("memory", torch.empty(0))
         self.memory: torch.Tensor
+        # What scoring derives from G, computed once per memory instead of in every forward pass
+        # (at a few thousand items the per-call centring and norms cost more than the matmul):
+        # G's mean, the negated centred items and their squared norms. Not saved: rebuilt on load.
+        self.register_buffer("memory_center", torch.empty(0), persistent=False)
+        self.register_buffer("negated_items", torch.empty(0), persistent=False)
+        self.register_buffer("item_norms", torch.empty(0), persistent=False)
+        self.register_load_state_dict_post_hook(_derive_after_load)
 
     def train(self, mode: bool = True) -> FedDyMemModel:
         """Keep the frozen backbone in eval mode (its batch-norm statistics never change)."""
@@ -207,11 +218,24 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
             msg = f"memory of shape {tuple(memory.shape)} contains NaN or infinite values."
             raise ValueError(msg)
         self.memory = memory.detach().to(device=self.memory.device, dtype=torch.float32).contiguous()
+        self._derive_memory()
+
+    @torch.no_grad()
+    def _derive_memory(self) -> None:
+        """Refresh the scoring buffers derived from ``memory`` (after :meth:`set_memory` or a load)."""
+        if self.memory.numel() == 0:
+            self.memory_center = self.negated_items = self.item_norms = self.memory.new_empty(0)
+            return
+        self.memory_center = self.memory.mean(dim=0, keepdim=True)
+        centred = self.memory - self.memory_center
+        self.negated_items = (-centred).contiguous()
+        self.item_norms = centred.pow(2).sum(-1)
 
     def patch_scores(self, embedding: torch.Tensor) -> torch.Tensor:
         """Distance of every patch of a ``(B, d, h, w)`` embedding to ``G``: ``(B, 1, h, w)``.
 
-        The matmul expansion only ranks the items; the distances to the best-ranked few
+        Items are ranked by ``|m|^2 - 2 q.m`` (one fused matmul; ``|q|^2`` is the same for every
+        item), both sides centred on ``G``'s mean; the distances to the best-ranked few
         (:data:`RERANKED_CANDIDATES` more than needed) are then recomputed as ``|q - m|^2`` and the
         nearest kept. The expansion cancels (``|q|^2 + |m|^2`` is far larger than a nearest
         distance), which float32 tolerates but a reduced-precision runtime does not: OpenVINO
@@ -220,11 +244,11 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
         which the exported IR keeps in float32), without reshaping the queries.
         """
         batch, _, height, width = embedding.shape
-        queries = self.flatten(embedding)
-        distances = squared_distances(queries, self.memory)
+        queries = self.flatten(embedding) - self.memory_center
+        negated = self.negated_items  # an Add of the negated items, not a Sub, survives OpenVINO's CPU passes unmarked
+        ranking = torch.addmm(self.item_norms, queries, negated.T, alpha=2)
         k = min(self.num_neighbors, self.memory.shape[0])
-        candidates = distances.topk(min(k + RERANKED_CANDIDATES, self.memory.shape[0]), dim=1, largest=False).indices
-        negated = -self.memory  # an Add of the negated items, not a Sub, survives OpenVINO's CPU passes unmarked
+        candidates = ranking.topk(min(k + RERANKED_CANDIDATES, self.memory.shape[0]), dim=1, largest=False).indices
         if k == 1:
             scores = None
             for column in range(candidates.shape[1]):
