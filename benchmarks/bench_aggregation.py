@@ -12,7 +12,7 @@ smallest client count, for a ratio measured in the same run.
 Usage::
 
     MALLOC_MMAP_THRESHOLD_=131072 .venv/bin/python benchmarks/bench_aggregation.py \
-        --clients 4,16,100 --items 4096 --size 4096 --dim 152 --methods kcenter,kmeans --reference
+        --clients 4,16,100 --items 4096 --size 4096 --dim 152 --methods coreset,kcenter,kmeans --reference
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=4096, help="global memory size")
     parser.add_argument("--dim", type=int, default=152, help="item dimension")
     parser.add_argument("--modes", type=int, default=256, help="modes the synthetic uploads cluster around")
-    parser.add_argument("--methods", default="kcenter,kmeans", help="grouping methods of aggregate_memories")
+    parser.add_argument("--methods", default="coreset,kcenter,kmeans", help="grouping methods of aggregate_memories")
     parser.add_argument("--reference", action="store_true", help="also time scikit-learn KMeans at the smallest count")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

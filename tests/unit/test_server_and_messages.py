@@ -164,3 +164,22 @@ def test_receiver_refuses_items_of_another_precision_or_a_broken_code():
         decode_memory(record, "int8")
     with pytest.raises(ValueError, match="wire precision must be one of"):
         encode_memory(items, weights, "int4")
+
+
+def test_no_pickle_on_the_wire() -> None:
+    """Memories travel as numpy's ``.npy`` bytes, written and read with ``allow_pickle=False``.
+
+    Flower's ``Array`` serialises with ``np.save(..., allow_pickle=False)`` and loads with
+    ``np.load(..., allow_pickle=False)``: an array of Python objects (the only numpy payload that
+    would need pickle) cannot even be put into a record, and every array of our records is a plain
+    numeric buffer that loads without pickle.
+    """
+    import io
+
+    record = encode_memory(torch.randn(5, 4), torch.ones(5), precision="int8")
+    for name, array in record.items():
+        assert array.data.startswith(b"\x93NUMPY"), name
+        loaded = np.load(io.BytesIO(array.data), allow_pickle=False)
+        assert loaded.dtype.kind in "fiu", (name, loaded.dtype)
+    with pytest.raises(ValueError, match="allow_pickle=False"):
+        Array(np.array([{"code": "anything"}], dtype=object))
