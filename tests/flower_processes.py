@@ -19,6 +19,41 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+#: FedDyMem options small enough for several real Flower runs in one test session.
+TINY_MODEL = (
+    "{memory_ratio: 1.0, memory_size: 64, global_memory_size: 96, reduce_ratio: 2, embedding_dim: 32, "
+    "upload_precision: float32}"
+)
+
+
+def synthetic_products(root: Path, products: list[str], train_per_product: int = 4) -> Path:
+    """Small generated MVTec-layout folders of ``products`` under ``root`` (64 px)."""
+    from anomalib_feddymem.data import generate_synthetic_dataset
+
+    generate_synthetic_dataset(
+        root, products, image_size=64, train_per_product=train_per_product, test_good_per_product=2,
+        test_defect_per_type=2,
+    )  # fmt: skip
+    return root
+
+
+def tiny_run_config(data: Path, output: Path, products: list[str], **changes: object) -> dict[str, object]:
+    """A run config over ``products`` of ``data``: one client per product, 2 rounds, all clients needed."""
+    return {
+        "num-server-rounds": 2,
+        "num-clients": len(products),
+        "min-clients": len(products),
+        "partition": "category",
+        "seed": 0,
+        "image-size": 64,
+        "batch-size": 4,
+        "data-root": str(data),
+        "datasets": ",".join(products),
+        "model": TINY_MODEL,
+        "output": str(output),
+        "round-timeout": 600,
+        **changes,
+    }
 
 
 def free_port() -> int:

@@ -83,11 +83,13 @@ class FlowerTransport:
                            self._unheld_reason())  # fmt: skip
         logger.info("SuperNodes by partition id: %s", self.nodes)
 
-    def _query(self, node_ids: list[int], timeout: float) -> None:
+    def _query(self, node_ids: list[int], timeout: float, *, rejoining: bool = False) -> None:
         """Ask ``node_ids`` which partition they hold and give each its client id.
 
         A node with its own data and no fixed ``partition-id`` (a site) gets a client id no
-        connected node holds, in node-id order (stable across rounds).
+        connected node holds, in node-id order (stable across rounds). At the start two nodes
+        claiming one partition are an error; later (``rejoining``) the newer node takes it over,
+        as a restarted SuperNode connects before the SuperLink has noticed its old self is gone.
         """
         self.queried.update(node_ids)
         messages = [Message(RecordDict({"config": ConfigRecord({})}), node, "query") for node in node_ids]
@@ -104,11 +106,13 @@ class FlowerTransport:
                 sites.append(node)
                 continue
             holder = self.nodes.get(partition_id)
-            if holder is not None and holder in connected:
+            if holder is not None and holder in connected and not rejoining:
                 msg = f"Two SuperNodes hold partition-id={partition_id} (nodes {holder} and {node}): give each its own."
                 raise FederationError(msg)
-            if holder is not None:
-                logger.info("Node %s holds partition %d now (node %s is gone).", node, partition_id, holder)
+            if holder is not None:  # a restarted node: its old self may not be known as gone yet
+                logger.warning(
+                    "Node %s holds partition %d from now on, in place of node %s.", node, partition_id, holder
+                )
             self.nodes[partition_id] = node
         free = (cid for cid in range(self.clients) if self.nodes.get(cid) not in connected)
         for node in sorted(sites):
@@ -123,7 +127,7 @@ class FlowerTransport:
         new = sorted(set(self.grid.get_node_ids()) - self.queried)
         if new:
             logger.info("New SuperNode(s) %s connected; asking which partition they hold.", new)
-            self._query(new, self.timeout)
+            self._query(new, self.timeout, rejoining=True)
 
     def _send(self, kind: str, round_number: int, instructions: Mapping[int, RecordDict]) -> dict:
         if kind == "train":

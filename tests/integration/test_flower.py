@@ -10,15 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flower_processes import FlowerProcesses
+from flower_processes import FlowerProcesses, synthetic_products, tiny_run_config
 
 pytestmark = pytest.mark.slow
 
 PRODUCTS = ["stripes", "disc"]
-MODEL = (
-    "{memory_ratio: 1.0, memory_size: 64, global_memory_size: 48, reduce_ratio: 2, embedding_dim: 32, "
-    "upload_precision: float32}"
-)
 
 
 @pytest.fixture
@@ -35,31 +31,13 @@ def loopback(tmp_path):
 
 
 def test_flower_two_rounds_match_simulation(loopback, tmp_path):
-    from anomalib_feddymem.data import generate_synthetic_dataset
     from anomalib_feddymem.federation.checkpoint import Checkpointer
     from anomalib_feddymem.federation.config import from_run_config
     from anomalib_feddymem.federation.simulation import simulate
 
-    data = tmp_path / "data"
-    generate_synthetic_dataset(
-        data, PRODUCTS, image_size=64, train_per_product=6, test_good_per_product=2, test_defect_per_type=2
-    )
+    data = synthetic_products(tmp_path / "data", PRODUCTS, train_per_product=6)
     output = tmp_path / "flower_out"
-    run_config = {
-        "num-server-rounds": 2,
-        "num-clients": 2,
-        "min-clients": 2,
-        "partition": "category",
-        "seed": 0,
-        "local-epochs": 1,
-        "image-size": 64,
-        "batch-size": 4,
-        "data-root": str(data),
-        "datasets": ",".join(PRODUCTS),
-        "model": MODEL,
-        "output": str(output),
-        "round-timeout": 600,
-    }
+    run_config = tiny_run_config(data, output, PRODUCTS)
     run = loopback.run_app(run_config)
     assert run.returncode == 0, f"{run.stdout[-4000:]}\n{run.stderr[-4000:]}\n{loopback.log_tail()}"
     checkpoint = Checkpointer(output)

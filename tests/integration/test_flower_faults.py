@@ -22,44 +22,15 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from flower_processes import REPO, FlowerProcesses, run_config_overrides
+from flower_processes import REPO, FlowerProcesses, run_config_overrides, synthetic_products, tiny_run_config
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 pytestmark = pytest.mark.slow
 
-MODEL = (
-    "{memory_ratio: 1.0, memory_size: 64, global_memory_size: 96, reduce_ratio: 2, embedding_dim: 32, "
-    "upload_precision: float32}"
-)
-
-
-def _run_config(data: Path, output: Path, products: list[str], **changes: object) -> dict[str, object]:
-    return {
-        "num-server-rounds": 3,
-        "num-clients": len(products),
-        "min-clients": 2,
-        "partition": "category",
-        "seed": 0,
-        "image-size": 64,
-        "batch-size": 4,
-        "data-root": str(data),
-        "datasets": ",".join(products),
-        "model": MODEL,
-        "output": str(output),
-        "round-timeout": 300,
-        **changes,
-    }
-
-
-def _data(root: Path, products: list[str]) -> Path:
-    from anomalib_feddymem.data import generate_synthetic_dataset
-
-    generate_synthetic_dataset(
-        root, products, image_size=64, train_per_product=4, test_good_per_product=2, test_defect_per_type=2
-    )
-    return root
+#: Three rounds (a fault in round 2, a stop after it); two clients complete a round.
+FAULT_RUN = {"num-server-rounds": 3, "min-clients": 2, "round-timeout": 300}
 
 
 def _wait_for(condition, what: str, flower: FlowerProcesses, timeout: float = 600) -> None:
@@ -91,13 +62,13 @@ def _rows(output: Path) -> dict[tuple[int, int], str]:
 
 def test_killed_supernode_fails_its_round_and_rejoins_after_restart(tmp_path: Path) -> None:
     products = ["stripes", "disc", "checker"]
-    data = _data(tmp_path / "data", products)
+    data = synthetic_products(tmp_path / "data", products)
     output = tmp_path / "out"
     flower = FlowerProcesses(tmp_path)
     try:
         flower.superlink()
         nodes = {p: flower.supernode(f"supernode_{p}", f"partition-id={p} num-partitions=3") for p in range(3)}
-        _start_run(flower, _run_config(data, output, products))
+        _start_run(flower, tiny_run_config(data, output, products, **FAULT_RUN))
         _wait_for(lambda: "Round 2/3" in _run_log(flower), "round 2 to start", flower)
         os.killpg(nodes[2].pid, signal.SIGKILL)  # the SuperNode and the ClientApp it runs, mid-round
         nodes[2].wait(timeout=30)
@@ -134,9 +105,9 @@ def test_stopped_run_resumes_to_the_uninterrupted_global_memory(tmp_path: Path) 
     from anomalib_feddymem.federation.simulation import simulate
 
     products = ["stripes", "disc"]
-    data = _data(tmp_path / "data", products)
+    data = synthetic_products(tmp_path / "data", products)
     output = tmp_path / "out"
-    run_config = _run_config(data, output, products)
+    run_config = tiny_run_config(data, output, products, **FAULT_RUN)
     checkpoint = Checkpointer(output)
     flower = FlowerProcesses(tmp_path)
     try:

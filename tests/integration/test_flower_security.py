@@ -28,17 +28,12 @@ from typing import TYPE_CHECKING
 import pytest
 import tomllib
 
-from flower_processes import REPO, FlowerProcesses
+from flower_processes import REPO, FlowerProcesses, run_config_overrides, synthetic_products, tiny_run_config
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 pytestmark = pytest.mark.slow
-
-MODEL = (
-    "{memory_ratio: 1.0, memory_size: 64, global_memory_size: 96, reduce_ratio: 2, embedding_dim: 32, "
-    "upload_precision: float32}"
-)
 
 
 def _certificates(folder: Path) -> Path:
@@ -94,12 +89,8 @@ def _rows(output: Path) -> dict[int, str]:
 
 
 def test_tls_and_supernode_auth_refuse_an_unregistered_node_and_train_a_registered_one(tmp_path: Path) -> None:
-    from anomalib_feddymem.data import generate_synthetic_dataset
-
     certs = _certificates(tmp_path / "certs")
-    data = tmp_path / "data"
-    generate_synthetic_dataset(data, ["stripes"], image_size=64, train_per_product=4, test_good_per_product=2,
-                               test_defect_per_type=2)  # fmt: skip
+    data = synthetic_products(tmp_path / "data", ["stripes"])
     output = tmp_path / "out"
     flower = FlowerProcesses(tmp_path)
     flower.connection(root_certificates=certs / "ca.crt")
@@ -126,11 +117,7 @@ def test_tls_and_supernode_auth_refuse_an_unregistered_node_and_train_a_register
         assert unlisted.returncode != 0
         assert "Failed to activate SuperNode" in refused, refused
 
-        run = flower.run_app({
-            "num-server-rounds": 1, "num-clients": 1, "min-clients": 1, "partition": "category", "seed": 0,
-            "image-size": 64, "batch-size": 4, "data-root": str(data), "datasets": "stripes", "model": MODEL,
-            "output": str(output),
-        })  # fmt: skip
+        run = flower.run_app(tiny_run_config(data, output, ["stripes"], **{"num-server-rounds": 1}))
         assert run.returncode == 0, f"{run.stdout[-4000:]}\n{flower.log_tail()}"
     finally:
         flower.stop_all()
@@ -218,12 +205,9 @@ def _hostile_app(folder: Path) -> Path:
 
 
 def test_hostile_uploads_are_rejected_with_their_reasons_and_the_round_goes_on(tmp_path: Path) -> None:
-    from anomalib_feddymem.data import generate_synthetic_dataset
-
     clients = 2 + len(HOSTILE_KINDS)
-    data = tmp_path / "data"
-    generate_synthetic_dataset(data, ["stripes", "disc"], image_size=64, train_per_product=clients,
-                               test_good_per_product=1, test_defect_per_type=1)  # fmt: skip
+    products = ["stripes", "disc"]
+    data = synthetic_products(tmp_path / "data", products, train_per_product=clients)
     output = tmp_path / "out"
     app = _hostile_app(tmp_path / "hostile_app")
     flower = FlowerProcesses(tmp_path)
@@ -232,11 +216,11 @@ def test_hostile_uploads_are_rejected_with_their_reasons_and_the_round_goes_on(t
         for partition in range(clients):
             hostile = f" hostile='{HOSTILE_KINDS[partition - 2]}'" if partition >= 2 else ""
             flower.supernode(f"supernode_{partition}", f"partition-id={partition} num-partitions={clients}{hostile}")
-        run = flower.flwr("run", str(app), "loopback", "--stream", "--run-config", " ".join([
-            "num-server-rounds=1", f"num-clients={clients}", "min-clients=2", "partition='iid'", "seed=0",
-            "image-size=64", "batch-size=4", f"data-root='{data}'", "datasets='stripes,disc'", f"model='{MODEL}'",
-            f"output='{output}'", "round-timeout=900",
-        ]))  # fmt: skip
+        run_config = tiny_run_config(
+            data, output, products, **{"num-server-rounds": 1, "num-clients": clients, "min-clients": 2,
+                                       "partition": "iid", "round-timeout": 900},
+        )  # fmt: skip
+        run = flower.flwr("run", str(app), "loopback", "--stream", "--run-config", run_config_overrides(run_config))
         assert run.returncode == 0, f"{run.stdout[-4000:]}\n{flower.log_tail()}"
     finally:
         flower.stop_all()

@@ -11,42 +11,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flower_processes import FlowerProcesses
+from flower_processes import FlowerProcesses, synthetic_products, tiny_run_config
 
 pytestmark = pytest.mark.slow
 
 PRODUCTS = ["stripes", "disc", "checker"]
-MODEL = (
-    "{memory_ratio: 1.0, memory_size: 64, global_memory_size: 48, reduce_ratio: 2, embedding_dim: 32, "
-    "upload_precision: float32}"
-)
 
 
 def test_simulation_runtime_matches_feddymem_simulate(tmp_path):
     pytest.importorskip("ray", reason="Flower's Simulation Runtime needs flwr[simulation] (Ray)")
-    from anomalib_feddymem.data import generate_synthetic_dataset
     from anomalib_feddymem.federation.checkpoint import Checkpointer
     from anomalib_feddymem.federation.config import from_run_config
     from anomalib_feddymem.federation.simulation import simulate
 
-    data = tmp_path / "data"
-    generate_synthetic_dataset(
-        data, PRODUCTS, image_size=64, train_per_product=4, test_good_per_product=2, test_defect_per_type=2
-    )
     output = tmp_path / "flower_out"
-    run_config = {
-        "num-server-rounds": 2,
-        "num-clients": 3,
-        "min-clients": 3,
-        "partition": "category",
-        "seed": 0,
-        "image-size": 64,
-        "batch-size": 4,
-        "data-root": str(data),
-        "datasets": ",".join(PRODUCTS),
-        "model": MODEL,
-        "output": str(output),
-    }
+    run_config = tiny_run_config(synthetic_products(tmp_path / "data", PRODUCTS), output, PRODUCTS)
     flower = FlowerProcesses(tmp_path)
     try:
         flower.superlink("--simulation")

@@ -2,7 +2,7 @@
 
 * :class:`DynamicMemory` is a client's local memory bank ``M_c`` with a count per item, updated
   after every local epoch by an exponential moving average of the embeddings assigned to it.
-* :func:`memory_reduce` shrinks a bank by weighted averaging before upload.
+* :func:`memory_reduce` shrinks a bank before upload (k-center items, or the abstract's weighted averages).
 * :func:`aggregate_memories` is the server's step: the union of the uploads, grouped when it
   exceeds the global memory's size.
 * :func:`group_items` is the grouping of both: greedy k-center groups (:func:`kcenter_grouping`),
