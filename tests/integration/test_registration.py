@@ -336,12 +336,16 @@ def test_anomalib_image_auroc_equals_the_rank_auroc_in_the_default_pipeline(
 ) -> None:
     """Anomalib's post-processor normalises scores into [0, 1] before its evaluator sees them.
 
-    It does so monotonically, with validation's min and max: no sigmoid saturation, the same ranking.
+    It maps ``(s - threshold) / (max - min) + 0.5`` with validation's min, max and adaptive
+    threshold, then clamps to [0, 1]: monotonic, so anomalib's AUROC is the rank AUROC of the raw
+    scores except for ties the clamp creates where the threshold lies far from mid-range. Both are
+    checked: anomalib's AUROC equals the rank AUROC of the raw scores put through that same map,
+    and equals the raw scores' own AUROC when no score is clamped.
     """
     from anomalib.engine import Engine
     from anomalib_feddymem import FedDyMem
     from anomalib_feddymem.data import folder_datamodule
-    from anomalib_feddymem.evaluation import evaluate
+    from anomalib_feddymem.evaluation import evaluate, predict, rank_auroc
 
     datamodule = folder_datamodule(synthetic_folder, train_batch_size=4, eval_batch_size=4)  # validation = test
     model = FedDyMem(  # a random backbone, so that the AUROC is not a trivial 1.0
@@ -354,4 +358,9 @@ def test_anomalib_image_auroc_equals_the_rank_auroc_in_the_default_pipeline(
     rank = evaluate(model, datamodule.test_dataloader())
     assert rank.image_auroc is not None
     assert rank.image_auroc < 1.0
-    assert metrics["image_AUROC"] == pytest.approx(rank.image_auroc, abs=1e-6)
+    raw = predict(model, datamodule.test_dataloader(), with_maps=False)
+    post = model.post_processor
+    mapped = (raw.scores - float(post.image_threshold)) / float(post.image_max - post.image_min) + 0.5
+    assert metrics["image_AUROC"] == pytest.approx(rank_auroc(mapped.clip(0, 1), raw.labels), abs=1e-6)
+    if 0 <= mapped.min() and mapped.max() <= 1:  # nothing clamped: the raw ranking itself
+        assert metrics["image_AUROC"] == pytest.approx(rank.image_auroc, abs=1e-6)
