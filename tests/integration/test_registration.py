@@ -362,5 +362,5 @@ def test_anomalib_image_auroc_equals_the_rank_auroc_in_the_default_pipeline(
     post = model.post_processor
     mapped = (raw.scores - float(post.image_threshold)) / float(post.image_max - post.image_min) + 0.5
     assert metrics["image_AUROC"] == pytest.approx(rank_auroc(mapped.clip(0, 1), raw.labels), abs=1e-6)
-    if 0 <= mapped.min() and mapped.max() <= 1:  # nothing clamped: the raw ranking itself
+    if mapped.min() >= 0 and mapped.max() <= 1:  # nothing clamped: the raw ranking itself
         assert metrics["image_AUROC"] == pytest.approx(rank.image_auroc, abs=1e-6)
