@@ -142,15 +142,14 @@ def load_client(context: Context, restore_round: int = 0) -> FedDyMemClient:
     elif restore_round > 0:
         import torch
 
-        path = saved_state
-        if not path.is_file():
+        if not saved_state.is_file():
             msg = (
                 f"Cannot resume client {client_id} after round {restore_round}: this node has no saved state "
-                f"{path} (start it with the node config and output of the interrupted run)."
+                f"{saved_state} (start it with the node config and output of the interrupted run)."
             )
             raise FileNotFoundError(msg)
-        client.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        logger.info("Resumed client %d from %s.", client_id, path)
+        client.load_state_dict(torch.load(saved_state, map_location="cpu", weights_only=True))
+        logger.info("Resumed client %d from %s.", client_id, saved_state)
     return client
 
 
