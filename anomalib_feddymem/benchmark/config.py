@@ -72,14 +72,14 @@ def _default_federation() -> FederationConfig:
 
 
 def _default_frontier() -> dict[str, Any]:
-    return {"reduce_ratios": [4, 8, 32], "coreset_ratios": [0.1, 0.03, 0.01]}
+    return {"reduce_ratios": [4, 6, 32], "coreset_ratios": [0.1, 0.03, 0.01]}
 
 
 def _default_ablation() -> dict[str, Any]:
     return {
         "variants": list(ABLATIONS),
-        "reduce_ratios": [2, 8, 32],
-        "global_memory_sizes": [256, 1024, 4096],
+        "reduce_ratios": [4, 32],
+        "global_memory_sizes": [1024, 4096],
         "embedding_dims": [32, 64],
         "upload_precisions": ["float32", "float16", "int8"],
         "alphas": [0.1, 0.5, 10.0],

@@ -68,6 +68,48 @@ class BenchmarkResult:
     upload_ratios: dict[int, float] = field(default_factory=dict)
     ablation_rows: list[dict[str, Any]] = field(default_factory=list)
     frontier_rows: list[dict[str, Any]] = field(default_factory=list)
+    federated_runs: dict[tuple, MethodRun] = field(default_factory=dict)
+    """Federated FedDyMem runs by :func:`federated_settings`: a setting the frontier or an
+    ablation asks for again is not run twice."""
+
+
+def federated_settings(config: BenchmarkConfig, changes: dict[str, Any] | None = None) -> tuple:
+    """What decides a federated FedDyMem run's outcome: alpha and every FedDyMem option as used.
+
+    Options left at their default and options set to that same default give the same key.
+    """
+    from anomalib_feddymem.federation.runner import model_option
+
+    changes = changes or {}
+    federation = config.federation.replace(**changes) if changes else config.federation
+    names = sorted(set(_feddymem_option_names()) | set(federation.model))
+    options = tuple((name, repr(_hashable(model_option(federation, name)))) for name in names)
+    return (float(federation.alpha), options)
+
+
+def _feddymem_option_names() -> list[str]:
+    import inspect
+
+    from anomalib_feddymem.models.feddymem import FedDyMem
+
+    skip = {"self", "local_epochs", "seed", "pre_processor", "post_processor", "evaluator", "visualizer"}
+    return [name for name in inspect.signature(FedDyMem.__init__).parameters if name not in skip]
+
+
+def _hashable(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _federated_run(
+    config: BenchmarkConfig, tests: dict[str, Any], done: BenchmarkResult, name: str, **changes: object
+) -> MethodRun:
+    """Federated FedDyMem with ``changes`` (``model``, ``alpha``), or the run already made with those settings."""
+    key = federated_settings(config, changes)
+    if key in done.federated_runs:
+        logger.info("%s: the same settings as a run already made; reusing it.", name)
+    else:
+        done.federated_runs[key], _ = run_feddymem_federated(config, tests, name=name, **changes)
+    return done.federated_runs[key]
 
 
 def resolve_datasets(config: BenchmarkConfig) -> BenchmarkConfig | None:
@@ -224,6 +266,7 @@ def run_benchmark(
         logger.info("Benchmark: running %s on %s.", method, ", ".join(tests))
         if method == "feddymem_federated":
             runs[method], result.federated = run_feddymem_federated(config, tests)
+            result.federated_runs[federated_settings(config)] = runs[method]
         elif method == "feddymem_central":
             runs[method] = run_feddymem_central(config, tests)
         elif method == "patchcore_central":
@@ -271,7 +314,7 @@ def run_benchmark(
     if config.heatmap_images:
         _heatmaps(config, runs, tests)
     if ablations:
-        result.ablation_rows = run_ablations(config, tests, baseline=runs.get("feddymem_federated"))
+        result.ablation_rows = run_ablations(config, tests, done=result)
     return result
 
 
@@ -304,20 +347,10 @@ def run_frontier(
     already ran are reused.
     """
     fed = config.federation
-    from anomalib_feddymem.federation.runner import model_option
-
     rows = []
-    default_ratio = float(model_option(config.federation, "reduce_ratio"))
     for ratio in config.frontier["reduce_ratios"]:
-        run = done.runs.get("feddymem_federated") if math.isclose(float(ratio), default_ratio) else None
-        if run is None:
-            logger.info("Frontier: FedDyMem at reduce_ratio %s.", ratio)
-            run, _ = run_feddymem_federated(
-                config,
-                tests,
-                name=f"frontier_reduce_{ratio}",
-                model={**fed.model, "reduce_ratio": float(ratio)},
-            )
+        model = {**fed.model, "reduce_ratio": float(ratio)}
+        run = _federated_run(config, tests, done, f"frontier_reduce_{ratio}", model=model)
         rows.append(_frontier_row("feddymem_federated", f"reduce_ratio={ratio}", run, fed.rounds))
     default_coreset = float(config.patchcore.get("coreset_sampling_ratio", 0.1))
     for ratio in config.frontier["coreset_ratios"]:
@@ -390,11 +423,12 @@ def _summary(ablation: str, value: str, run: MethodRun) -> dict[str, Any]:
 
 
 def run_ablations(
-    config: BenchmarkConfig, tests: dict[str, Any] | None = None, *, baseline: MethodRun | None = None
+    config: BenchmarkConfig, tests: dict[str, Any] | None = None, *, done: BenchmarkResult | None = None
 ) -> list[dict[str, Any]]:
     """Federated FedDyMem with one component switched off or one option swept; ``ablations.{csv,md}``.
 
-    Variants whose settings equal the full model's reuse its run.
+    A variant whose settings a run of ``done`` already had (the full model, a frontier budget)
+    reuses that run: the same options give the same result.
     """
     fed = config.federation
     if tests is None:
@@ -409,22 +443,11 @@ def run_ablations(
             batch_size=fed.batch_size,
             seed=fed.seed,
         )
-    full_settings = (fed.alpha, sorted(fed.model.items()))
-    if baseline is None:
-        baseline, _ = run_feddymem_federated(config, tests)
-    rows = [_summary("full", "defaults", baseline)]
+    done = done or BenchmarkResult(output=fed.output_dir, rows=[], runs={}, config=config)
+    rows = [_summary("full", "defaults", _federated_run(config, tests, done, "feddymem_federated"))]
     for ablation, value, changes in _ablation_changes(config):
-        settings = (
-            changes.get("alpha", fed.alpha),
-            sorted(changes.get("model", fed.model).items()),
-        )
-        if settings == full_settings:
-            run = baseline
-        else:
-            logger.info("Ablation %s = %s.", ablation, value)
-            name = f"ablation_{ablation}_{value}".replace("=", "_")
-            run, _ = run_feddymem_federated(config, tests, name=name, **changes)
-        rows.append(_summary(ablation, value, run))
+        name = f"ablation_{ablation}_{value}".replace("=", "_")
+        rows.append(_summary(ablation, value, _federated_run(config, tests, done, name, **changes)))
     preamble = (
         f"Federated FedDyMem on {', '.join(fed.datasets)} ({fed.data_root}), {fed.clients} clients, "
         f"{fed.partition} alpha {fed.alpha} unless swept, {fed.rounds} round(s), {fed.image_size} px, "

@@ -158,7 +158,7 @@ def test_ablations_table(tiny_run):
         ablation={"variants": ["no_dynamic_update", "reduce_ratio"], "reduce_ratios": [2, 4]}
     )
     with torch_threads(1):
-        rows = run_ablations(config, baseline=tiny_run.runs["feddymem_federated"])
+        rows = run_ablations(config, done=tiny_run)
     assert [(r["ablation"], r["value"]) for r in rows] == [
         ("full", "defaults"),
         ("no_dynamic_update", "memory_momentum=0"),
@@ -201,6 +201,22 @@ def test_frontier_runs_every_budget_and_reuses_the_main_runs(tiny_run):
 
 
 # ------------------------------------------------------------------------- config, CLI, missing data
+def test_a_run_is_known_by_the_options_it_uses_not_by_how_they_were_written(tmp_path):
+    from anomalib_feddymem.benchmark.runner import federated_settings
+
+    config = _config(tmp_path, tmp_path / "out", model={"reduce_ratio": 6.0})
+    same = [
+        {},
+        {"model": {}},  # 6 is the class default
+        {"model": {"reduce_ratio": 6.0, "upload_precision": "int8", "layers": ["blocks.2", "blocks.4"]}},
+    ]
+    assert len({federated_settings(config, changes) for changes in same}) == 1
+    different = [{"model": {"reduce_ratio": 4.0}}, {"alpha": 0.1}, {"model": {"upload_precision": "float16"}}]
+    keys = {federated_settings(config, changes) for changes in different}
+    assert len(keys) == len(different)
+    assert federated_settings(config) not in keys
+
+
 def test_bad_options_name_the_option(tmp_path):
     with pytest.raises(ValueError, match=r"methods: unknown \['patchcore_fast'\]"):
         load_benchmark_config(None, methods="feddymem_federated,patchcore_fast")

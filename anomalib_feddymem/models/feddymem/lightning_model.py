@@ -126,7 +126,7 @@ class FedDyMem(AnomalibModule):
         memory_size: int = 65536,
         memory_init: Literal["coreset", "kmeans"] = "coreset",
         global_memory_size: int = 65536,
-        reduce_ratio: float = 8.0,
+        reduce_ratio: float = 6.0,
         reduce_method: Literal["coreset", "kcenter", "kmeans"] = "coreset",
         aggregation: Literal["coreset", "kcenter", "kmeans"] = "coreset",
         upload_precision: Literal["float32", "float16", "int8"] = "int8",
