@@ -78,22 +78,11 @@ def federated_settings(config: BenchmarkConfig, changes: dict[str, Any] | None =
 
     Options left at their default and options set to that same default give the same key.
     """
-    from anomalib_feddymem.federation.runner import model_option
+    from anomalib_feddymem.federation.runner import model_options
 
-    changes = changes or {}
     federation = config.federation.replace(**changes) if changes else config.federation
-    names = sorted(set(_feddymem_option_names()) | set(federation.model))
-    options = tuple((name, repr(_hashable(model_option(federation, name)))) for name in names)
-    return (float(federation.alpha), options)
-
-
-def _feddymem_option_names() -> list[str]:
-    import inspect
-
-    from anomalib_feddymem.models.feddymem import FedDyMem
-
-    skip = {"self", "local_epochs", "seed", "pre_processor", "post_processor", "evaluator", "visualizer"}
-    return [name for name in inspect.signature(FedDyMem.__init__).parameters if name not in skip]
+    options = model_options(federation)
+    return (float(federation.alpha), tuple((name, repr(_hashable(options[name]))) for name in sorted(options)))
 
 
 def _hashable(value: object) -> object:

@@ -32,12 +32,16 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FROZEN_PREFIX",
+    "RESERVED_OPTIONS",
     "FedDyMemClient",
     "build_model",
     "handle_evaluate",
     "handle_train",
     "round_seed",
 ]
+
+#: FedDyMem arguments the federation sets itself (from its own config): ``model`` options may not name them.
+RESERVED_OPTIONS = ("local_epochs", "seed", "pre_processor")
 
 #: State-dict prefix of the frozen backbone: rebuilt identically from the options, never saved.
 FROZEN_PREFIX = "model.feature_extractor."
@@ -58,7 +62,7 @@ def build_model(model_options: Mapping[str, Any], *, image_size: int, local_epoc
         seed: Seed of the generator's initialisation and of the memory maths.
     """
     options = dict(model_options)
-    for reserved in ("local_epochs", "seed", "pre_processor"):
+    for reserved in RESERVED_OPTIONS:
         if reserved in options:
             msg = f"model option {reserved!r} is set by the federation config; remove it from 'model'."
             raise ValueError(msg)

@@ -42,7 +42,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ClientFailure", "FederationResult", "Transport", "expected_embedding_dim", "model_option", "run_federation"]
+__all__ = [
+    "ClientFailure",
+    "FederationResult",
+    "Transport",
+    "expected_embedding_dim",
+    "model_option",
+    "model_options",
+    "run_federation",
+]
 
 
 @dataclass
@@ -86,13 +94,24 @@ class FederationResult:
     exports: dict[int, Path]
 
 
-def model_option(config: FederationConfig, name: str) -> object:
-    """A FedDyMem option as the clients use it: from ``config.model`` or FedDyMem's default."""
-    if name in config.model:
-        return config.model[name]
+def model_options(config: FederationConfig) -> dict[str, object]:
+    """Every FedDyMem option as the clients use it: ``config.model`` over FedDyMem's defaults.
+
+    Not the arguments the federation sets itself (:data:`~.client.RESERVED_OPTIONS`) nor
+    anomalib's components (pre/post-processor, evaluator, visualizer).
+    """
     from anomalib_feddymem.models.feddymem import FedDyMem
 
-    return inspect.signature(FedDyMem.__init__).parameters[name].default
+    from .client import RESERVED_OPTIONS
+
+    skip = {"self", "post_processor", "evaluator", "visualizer", *RESERVED_OPTIONS}
+    parameters = inspect.signature(FedDyMem.__init__).parameters
+    return {**{name: p.default for name, p in parameters.items() if name not in skip}, **config.model}
+
+
+def model_option(config: FederationConfig, name: str) -> object:
+    """A FedDyMem option as the clients use it: from ``config.model`` or FedDyMem's default."""
+    return model_options(config)[name]
 
 
 def expected_embedding_dim(config: FederationConfig) -> int:
