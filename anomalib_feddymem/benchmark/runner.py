@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,7 +87,12 @@ def federated_settings(config: BenchmarkConfig, changes: dict[str, Any] | None =
 
 
 def _hashable(value: object) -> object:
-    return tuple(value) if isinstance(value, list) else value
+    """``value`` as a key part: lists as tuples, numbers as floats (``4`` and ``4.0`` are one setting)."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _federated_run(
@@ -435,7 +441,7 @@ def run_ablations(
     done = done or BenchmarkResult(output=fed.output_dir, rows=[], runs={}, config=config)
     rows = [_summary("full", "defaults", _federated_run(config, tests, done, "feddymem_federated"))]
     for ablation, value, changes in _ablation_changes(config):
-        name = f"ablation_{ablation}_{value}".replace("=", "_")
+        name = re.sub(r"[^\w.-]+", "_", f"ablation_{ablation}_{value}")  # a folder name without spaces
         rows.append(_summary(ablation, value, _federated_run(config, tests, done, name, **changes)))
     preamble = (
         f"Federated FedDyMem on {', '.join(fed.datasets)} ({fed.data_root}), {fed.clients} clients, "

@@ -209,6 +209,7 @@ def test_a_run_is_known_by_the_options_it_uses_not_by_how_they_were_written(tmp_
         {},
         {"model": {}},  # 6 is the class default
         {"model": {"reduce_ratio": 6.0, "upload_precision": "int8", "layers": ["blocks.2", "blocks.4"]}},
+        {"model": {"reduce_ratio": 6}},  # an int from a YAML sweep, a float from the frontier
     ]
     assert len({federated_settings(config, changes) for changes in same}) == 1
     different = [{"model": {"reduce_ratio": 4.0}}, {"alpha": 0.1}, {"model": {"upload_precision": "float16"}}]
