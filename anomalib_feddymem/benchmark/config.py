@@ -37,8 +37,7 @@ METHODS = (
 )
 #: Ablation families: the on/off switches and the sweeps (values in ``BenchmarkConfig.ablation``).
 ABLATIONS = (
-    "no_generator",
-    "metric_loss",
+    "generator",
     "no_dynamic_update",
     "no_growth",
     "averaged_reduce",

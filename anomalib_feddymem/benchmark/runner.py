@@ -378,11 +378,9 @@ def _ablation_changes(config: BenchmarkConfig) -> list[tuple[str, str, dict[str,
 
     variants: list[tuple[str, str, dict[str, Any]]] = []
     for name in config.ablation["variants"]:
-        if name == "no_generator":
-            variants.append((name, "use_generator=False", model(use_generator=False)))
-        elif name == "metric_loss":  # the other setting than the run's (the loss is off by default)
-            flipped = not bool(model_option(config.federation, "use_metric_loss"))
-            variants.append((name, f"use_metric_loss={flipped}", model(use_metric_loss=flipped)))
+        if name == "generator":  # the other setting than the run's (off by default)
+            flipped = not bool(model_option(config.federation, "use_generator"))
+            variants.append((name, f"use_generator={flipped}", model(use_generator=flipped)))
         elif name == "no_growth":
             variants.append((name, "grow_global_memory=False", model(grow_global_memory=False)))
         elif name == "averaged_reduce":  # the abstract's weighted averages over the same k-center groups

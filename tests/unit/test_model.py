@@ -17,6 +17,7 @@ from anomalib_feddymem.evaluation import evaluate
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
 EMBEDDING_DIM = 32
 
@@ -179,6 +180,31 @@ def test_global_memory_becomes_the_training_target(make_tiny_model: Callable[...
     assert bool(model.has_global_memory)
     assert torch.equal(model.model.memory, memory)
     assert torch.equal(model._loss_target(), memory)
+
+
+@pytest.mark.parametrize("use_generator", [False, True])
+def test_generator_is_trained_only_when_switched_on(
+    use_generator: bool,
+    make_tiny_model: Callable[..., FedDyMem],
+    tiny_datamodule: Callable[..., Any],
+    synthetic_folder: Path,
+    tmp_path: Path,
+) -> None:
+    """Off (the default) nothing is optimised; on, the metric loss moves the generator's weights."""
+    from anomalib.engine import Engine
+
+    model = make_tiny_model(use_generator=use_generator, visualizer=False)
+    initial = model.model.generator.conv.weight.detach().clone()
+    assert (model.configure_optimizers() is not None) is use_generator
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    engine.fit(model, datamodule=tiny_datamodule(synthetic_folder))
+    moved = float((model.model.generator.conv.weight - initial).abs().max())
+    if use_generator:
+        assert moved > 0, "the metric loss trained the generator"
+        assert "train_loss_epoch" in engine.trainer.logged_metrics
+    else:
+        assert moved == 0, "the generator stays its initial projection"
+    assert model.model.memory.shape[0] > 0, "either way the module ends with a global memory to score with"
 
 
 def test_trained_tiny_separates_defects_on_synthetic_data(trained_tiny: dict[str, Any]) -> None:

@@ -1,11 +1,12 @@
 """FedDyMem as an anomalib model (``AnomalibModule``).
 
 With one client and one round this is the centralised FedDyMem that ``anomalib train --model
-FedDyMem`` trains: the memory generator learns, over ``local_epochs`` epochs, to pull normal patch
-embeddings onto the client's dynamic memory bank; the bank is then memory-reduced and aggregated
-by weighted k-means into the global memory ``G`` that scores test patches. The federation
-(:mod:`anomalib_feddymem.federation`) drives the same module through :meth:`FedDyMem.set_global_memory`
-and :meth:`FedDyMem.memory_upload`.
+FedDyMem`` trains: the client's patch embeddings initialise its dynamic memory bank, each local
+epoch moves the bank's items to the mean of the embeddings they cover (and, with
+``use_generator``, trains the memory generator with the metric loss), and the bank is then
+memory-reduced and aggregated into the global memory ``G`` that scores test patches. The
+federation (:mod:`anomalib_feddymem.federation`) drives the same module through
+:meth:`FedDyMem.set_global_memory` and :meth:`FedDyMem.memory_upload`.
 
 Example:
     >>> from anomalib.engine import Engine
@@ -74,8 +75,11 @@ class FedDyMem(AnomalibModule):
         embedding_dim: ``d``, output dimension of the memory generator; ``None`` (default) keeps
             the backbone features' dimension, so that the generator starts as a rotation that
             preserves PatchCore's distances. A smaller ``d`` sends fewer bytes per item.
-        use_generator: Train the memory generator ``g``; ``False`` (ablation) keeps it the initial
-            fixed projection of the backbone features.
+        use_generator: Train the memory generator ``g`` with the metric loss (the abstract's learned
+            part). Off by default: on the dev data the trained generator cost federated AUROC (it
+            pulls normal embeddings onto the few items of ``G``), so ``g`` stays its initial fixed
+            projection of the backbone features and nothing is trained; at ``d = D`` that is a
+            rotation, which keeps PatchCore's distances.
         memory_ratio: ``K_c`` as a fraction of the client's training patches, as Patchcore's
             coreset ratio: the bank (and the upload) follows the client's data, so a small site
             sends little and a large one keeps its rare normal patches.
@@ -103,10 +107,6 @@ class FedDyMem(AnomalibModule):
         num_hard_negatives: ``J`` of the metric loss (repulsion).
         radius: ``r`` of the metric loss.
         margin: ``alpha`` of the metric loss.
-        use_metric_loss: Train the memory generator with the metric loss. Off by default: on the
-            dev data it gained nothing in one round and cost AUROC over several (it pulls normal
-            embeddings onto the few items of ``G``); with it off the generator stays its initial
-            rotation of the backbone features and nothing is trained.
         num_neighbors: Items of ``G`` each test patch is scored against (1 = nearest distance).
         local_epochs: ``E``, epochs of local training (the trainer's ``max_epochs``).
         learning_rate: AdamW learning rate of the memory generator.
@@ -121,7 +121,7 @@ class FedDyMem(AnomalibModule):
         layers: Sequence[str] = ("blocks.2", "blocks.4"),
         pre_trained: bool = True,
         embedding_dim: int | None = None,
-        use_generator: bool = True,
+        use_generator: bool = False,
         memory_ratio: float = 0.1,
         memory_size: int = 65536,
         memory_init: Literal["coreset", "kmeans"] = "coreset",
@@ -136,7 +136,6 @@ class FedDyMem(AnomalibModule):
         num_hard_negatives: int = 3,
         radius: float = 1e-5,
         margin: float = 0.1,
-        use_metric_loss: bool = False,
         num_neighbors: int = 1,
         local_epochs: int = 1,
         learning_rate: float = 1e-3,
@@ -174,7 +173,7 @@ class FedDyMem(AnomalibModule):
             embedding_dim=embedding_dim,
             num_neighbors=num_neighbors,
         )
-        self.model.generator.requires_grad_(use_generator and use_metric_loss)
+        self.model.generator.requires_grad_(use_generator)
         self.local_memory = DynamicMemory(momentum=memory_momentum)
         self.loss = MemoryMetricLoss(
             num_nearest=num_nearest,
@@ -192,7 +191,6 @@ class FedDyMem(AnomalibModule):
         self.upload_precision = upload_precision
         self.grow_global_memory = grow_global_memory
         self.use_generator = use_generator
-        self.use_metric_loss = use_metric_loss
         self.local_epochs = local_epochs
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
