@@ -162,7 +162,7 @@ def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[st
                 cells.append(_fmt(_float(value)))
             elif key in {"fit_s", "infer_ms_per_image", "infer_ms_per_image_openvino", "backbone_ms_per_image"}:
                 cells.append(_fmt(_float(value), 1))
-            elif key == "upload_bytes_per_round":
+            elif key in {"upload_bytes_per_round", "total_upload_bytes"}:
                 cells.append(_fmt(_float(value), 0))
             else:
                 cells.append(_fmt(value))

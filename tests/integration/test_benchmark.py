@@ -197,6 +197,8 @@ def test_frontier_runs_every_budget_and_reuses_the_main_runs(tiny_run):
     assert rows[1]["total_upload_bytes"] < rows[0]["total_upload_bytes"] < rows[3]["total_upload_bytes"]
     assert rows[2]["total_upload_bytes"] < rows[3]["total_upload_bytes"]
     assert [r["setting"] for r in read_csv(result.output / "frontier.csv")] == [r["setting"] for r in rows]
+    table = (result.output / "frontier.md").read_text()
+    assert f"| {rows[0]['total_upload_bytes']:.0f} |" in table, "whole bytes, as the per-round column"
     assert (result.output / "auroc_vs_upload.png").stat().st_size > 1000
 
 
