@@ -196,6 +196,7 @@ def test_generator_is_trained_only_when_switched_on(
     model = make_tiny_model(use_generator=use_generator, visualizer=False)
     initial = model.model.generator.conv.weight.detach().clone()
     assert (model.configure_optimizers() is not None) is use_generator
+    assert model.use_generator is use_generator, "the attribute reports what actually trains"
     engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     engine.fit(model, datamodule=tiny_datamodule(synthetic_folder))
     moved = float((model.model.generator.conv.weight - initial).abs().max())

@@ -190,7 +190,6 @@ class FedDyMem(AnomalibModule):
         self.aggregation = aggregation
         self.upload_precision = upload_precision
         self.grow_global_memory = grow_global_memory
-        self.use_generator = use_generator
         self.local_epochs = local_epochs
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -244,6 +243,11 @@ class FedDyMem(AnomalibModule):
     def configure_post_processor() -> PostProcessor:
         """Anomalib's one-class post-processor (thresholds and normalisation from validation)."""
         return PostProcessor()
+
+    @property
+    def use_generator(self) -> bool:
+        """Whether the memory generator trains: fixed at construction, which sets its ``requires_grad``."""
+        return any(parameter.requires_grad for parameter in self.model.generator.parameters())
 
     def _trainable_parameters(self) -> list[nn.Parameter]:
         """The memory generator's parameters, empty for the no-training ablations."""
