@@ -14,8 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import yaml
 from anomalib_feddymem.data import generate_synthetic_dataset
 from anomalib_feddymem.federation.build import build_partition
 from anomalib_feddymem.federation.partition import save_partition_summary
+from anomalib_feddymem.models.fast_patchcore import FastPatchcore
 
 from . import report
 from .methods import (
@@ -48,6 +50,8 @@ from .timing import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .config import BenchmarkConfig
 
 logger = logging.getLogger(__name__)
@@ -69,42 +73,65 @@ class BenchmarkResult:
     upload_ratios: dict[int, float] = field(default_factory=dict)
     ablation_rows: list[dict[str, Any]] = field(default_factory=list)
     frontier_rows: list[dict[str, Any]] = field(default_factory=list)
-    federated_runs: dict[tuple, MethodRun] = field(default_factory=dict)
-    """Federated FedDyMem runs by :func:`federated_settings`: a setting the frontier or an
-    ablation asks for again is not run twice."""
+    runs_by_settings: dict[tuple, MethodRun] = field(default_factory=dict)
+    """Federated runs by :func:`run_settings`: a setting the frontier or an ablation asks for
+    again is not run twice."""
 
 
-def federated_settings(config: BenchmarkConfig, changes: dict[str, Any] | None = None) -> tuple:
-    """What decides a federated FedDyMem run's outcome: alpha and every FedDyMem option as used.
+def run_settings(method: str, config: BenchmarkConfig) -> tuple:
+    """What decides a federated run's outcome: the method, alpha and every option of its model as used.
 
-    Options left at their default and options set to that same default give the same key.
+    ``feddymem_federated`` is known by FedDyMem's options, ``patchcore_federated`` by Patchcore's
+    and the server's coreset ratio. Options left at their default and options set to that same
+    default give the same key; the output folder is not part of it.
     """
-    from anomalib_feddymem.federation.runner import model_options
+    if method == "feddymem_federated":
+        from anomalib_feddymem.federation.runner import model_options
 
-    federation = config.federation.replace(**changes) if changes else config.federation
-    options = model_options(federation)
-    return (float(federation.alpha), tuple((name, repr(_hashable(options[name]))) for name in sorted(options)))
+        options = model_options(config.federation)
+    elif method == "patchcore_federated":
+        parameters = inspect.signature(FastPatchcore.__init__).parameters
+        skip = {"self", "pre_processor", "post_processor", "evaluator", "visualizer"}
+        defaults = {name: p.default for name, p in parameters.items() if name not in skip}
+        options = {**defaults, **config.patchcore_options(), "server_coreset_ratio": config.server_coreset_ratio}
+    else:
+        msg = f"run_settings: {method!r} is not a federated method (feddymem_federated, patchcore_federated)."
+        raise ValueError(msg)
+    settings = tuple((name, repr(_hashable(options[name]))) for name in sorted(options))
+    return method, float(config.federation.alpha), settings
 
 
 def _hashable(value: object) -> object:
     """``value`` as a key part: lists as tuples, numbers as floats (``4`` and ``4.0`` are one setting)."""
-    if isinstance(value, list):
-        return tuple(value)
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(item) for item in value)
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+def _reused_run(
+    done: BenchmarkResult, method: str, config: BenchmarkConfig, name: str, run: Callable[[], MethodRun]
+) -> MethodRun:
+    """``run()``, or the run of ``done`` already made with the same :func:`run_settings`."""
+    key = run_settings(method, config)
+    if key in done.runs_by_settings:
+        logger.info("%s: the same settings as a run already made; reusing it.", name)
+    else:
+        done.runs_by_settings[key] = run()
+    return done.runs_by_settings[key]
 
 
 def _federated_run(
     config: BenchmarkConfig, tests: dict[str, Any], done: BenchmarkResult, name: str, **changes: object
 ) -> MethodRun:
     """Federated FedDyMem with ``changes`` (``model``, ``alpha``), or the run already made with those settings."""
-    key = federated_settings(config, changes)
-    if key in done.federated_runs:
-        logger.info("%s: the same settings as a run already made; reusing it.", name)
-    else:
-        done.federated_runs[key], _ = run_feddymem_federated(config, tests, name=name, **changes)
-    return done.federated_runs[key]
+
+    def run() -> MethodRun:
+        return run_feddymem_federated(config, tests, name=name, **changes)[0]
+
+    changed = dataclasses.replace(config, federation=config.federation.replace(**changes))  # as run_config applies them
+    return _reused_run(done, "feddymem_federated", changed, name, run)
 
 
 def resolve_datasets(config: BenchmarkConfig) -> BenchmarkConfig | None:
@@ -261,7 +288,7 @@ def run_benchmark(
         logger.info("Benchmark: running %s on %s.", method, ", ".join(tests))
         if method == "feddymem_federated":
             runs[method], result.federated = run_feddymem_federated(config, tests)
-            result.federated_runs[federated_settings(config)] = runs[method]
+            result.runs_by_settings[run_settings(method, config)] = runs[method]
         elif method == "feddymem_central":
             runs[method] = run_feddymem_central(config, tests)
         elif method == "patchcore_central":
@@ -275,6 +302,7 @@ def run_benchmark(
                 runs["patchcore_federated"], _ = run_patchcore_federated(
                     config, result.local_patchcores, local_fit, tests
                 )
+                result.runs_by_settings[run_settings("patchcore_federated", config)] = runs["patchcore_federated"]
     runs = {method: runs[method] for method in config.methods}  # table order
     result.runs = runs
 
@@ -347,17 +375,18 @@ def run_frontier(
         model = {**fed.model, "reduce_ratio": float(ratio)}
         run = _federated_run(config, tests, done, f"frontier_reduce_{ratio}", model=model)
         rows.append(_frontier_row("feddymem_federated", f"reduce_ratio={ratio}", run, fed.rounds))
-    default_coreset = float(config.patchcore.get("coreset_sampling_ratio", 0.1))
     for ratio in config.frontier["coreset_ratios"]:
-        run = done.runs.get("patchcore_federated") if math.isclose(float(ratio), default_coreset) else None
-        if run is None:
+        swept = config.replace(
+            patchcore={**config.patchcore, "coreset_sampling_ratio": float(ratio)},
+            output=str(fed.output_dir / "runs" / f"frontier_coreset_{ratio}"),
+        )
+
+        def naive(swept: BenchmarkConfig = swept, ratio: float = ratio) -> MethodRun:
             logger.info("Frontier: naive federated Patchcore at coreset ratio %s.", ratio)
-            swept = config.replace(
-                patchcore={**config.patchcore, "coreset_sampling_ratio": float(ratio)},
-                output=str(fed.output_dir / "runs" / f"frontier_coreset_{ratio}"),
-            )
             local, models = run_patchcore_local(swept, client_modules, partitions, tests)
-            run, _ = run_patchcore_federated(swept, models, next(iter(local.fit_s.values())), tests)
+            return run_patchcore_federated(swept, models, next(iter(local.fit_s.values())), tests)[0]
+
+        run = _reused_run(done, "patchcore_federated", swept, f"frontier_coreset_{ratio}", naive)
         rows.append(_frontier_row("patchcore_federated", f"coreset_ratio={ratio}", run, 1))
     preamble = (
         f"Mean image / pixel AUROC over {', '.join(tests)} ({fed.clients} clients, {fed.partition} alpha "

@@ -174,6 +174,7 @@ def test_ablations_table(tiny_run):
 @pytest.mark.slow
 def test_frontier_runs_every_budget_and_reuses_the_main_runs(tiny_run):
     from anomalib_feddymem.benchmark import run_benchmark
+    from anomalib_feddymem.benchmark.runner import run_settings
     from anomalib_feddymem.benchmark.timing import torch_threads
 
     config = tiny_run.config.replace(
@@ -196,6 +197,10 @@ def test_frontier_runs_every_budget_and_reuses_the_main_runs(tiny_run):
     assert rows[2]["total_upload_bytes"] == naive.upload_bytes_per_round  # one upload
     assert rows[1]["total_upload_bytes"] < rows[0]["total_upload_bytes"] < rows[3]["total_upload_bytes"]
     assert rows[2]["total_upload_bytes"] < rows[3]["total_upload_bytes"]
+    # one run per distinct setting: the main runs stand for reduce ratio 2 and coreset ratio 0.1
+    assert result.runs_by_settings[run_settings("feddymem_federated", config)] is federated
+    assert result.runs_by_settings[run_settings("patchcore_federated", config)] is naive
+    assert len(result.runs_by_settings) == 4
     assert [r["setting"] for r in read_csv(result.output / "frontier.csv")] == [r["setting"] for r in rows]
     table = (result.output / "frontier.md").read_text()
     assert f"| {rows[0]['total_upload_bytes']:.0f} |" in table, "whole bytes, as the per-round column"
@@ -204,20 +209,46 @@ def test_frontier_runs_every_budget_and_reuses_the_main_runs(tiny_run):
 
 # ------------------------------------------------------------------------- config, CLI, missing data
 def test_a_run_is_known_by_the_options_it_uses_not_by_how_they_were_written(tmp_path):
-    from anomalib_feddymem.benchmark.runner import federated_settings
+    from anomalib_feddymem.benchmark.runner import run_settings
 
     config = _config(tmp_path, tmp_path / "out", model={"reduce_ratio": 6.0})
+
+    def keys(method: str, changes: list[dict[str, Any]]) -> set[tuple]:
+        return {run_settings(method, config.replace(**change)) for change in changes}
+
     same = [
         {},
         {"model": {}},  # 6 is the class default
         {"model": {"reduce_ratio": 6.0, "upload_precision": "int8", "layers": ["blocks.2", "blocks.4"]}},
         {"model": {"reduce_ratio": 6}},  # an int from a YAML sweep, a float from the frontier
+        {"output": str(tmp_path / "elsewhere")},  # where a run writes does not change it
     ]
-    assert len({federated_settings(config, changes) for changes in same}) == 1
+    assert len(keys("feddymem_federated", same)) == 1
     different = [{"model": {"reduce_ratio": 4.0}}, {"alpha": 0.1}, {"model": {"upload_precision": "float16"}}]
-    keys = {federated_settings(config, changes) for changes in different}
-    assert len(keys) == len(different)
-    assert federated_settings(config) not in keys
+    assert len(keys("feddymem_federated", different)) == len(different)
+    assert run_settings("feddymem_federated", config) not in keys("feddymem_federated", different)
+
+    naive_same = [
+        {},
+        {"patchcore": {"coreset_sampling_ratio": 0.1, "num_neighbors": 9}},
+        {"patchcore": {"num_neighbors": 9}},  # 0.1 is Patchcore's default coreset ratio
+        {"patchcore": {"coreset_sampling_ratio": 0.1, "num_neighbors": 9.0}},
+        {"output": str(tmp_path / "frontier_coreset_0.1")},
+        {"model": {"reduce_ratio": 4.0}},  # a FedDyMem option is not Patchcore's
+    ]
+    assert len(keys("patchcore_federated", naive_same)) == 1
+    naive_different = [
+        {"patchcore": {"coreset_sampling_ratio": 0.03, "num_neighbors": 9}},
+        {"patchcore": {"coreset_sampling_ratio": 0.1, "num_neighbors": 3}},
+        {"server_coreset_ratio": 0.5},
+        {"alpha": 10.0},
+        {"model": {"layers": ["blocks.3", "blocks.4"]}},  # the shared backbone options are Patchcore's too
+    ]
+    assert len(keys("patchcore_federated", naive_different)) == len(naive_different)
+    assert run_settings("patchcore_federated", config) not in keys("patchcore_federated", naive_different)
+    assert run_settings("patchcore_federated", config) != run_settings("feddymem_federated", config)
+    with pytest.raises(ValueError, match="'patchcore_central' is not a federated method"):
+        run_settings("patchcore_central", config)
 
 
 def test_bad_options_name_the_option(tmp_path):
