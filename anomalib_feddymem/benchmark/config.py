@@ -80,7 +80,7 @@ def _default_ablation() -> dict[str, Any]:
         "reduce_ratios": [4, 32],
         "global_memory_sizes": [1024, 4096],
         "embedding_dims": [32, 64],
-        "upload_precisions": ["float32", "float16", "int8"],
+        "upload_precisions": ["float32", "float16", "int8", "int4"],
         "alphas": [0.1, 0.5, 10.0],
     }
 

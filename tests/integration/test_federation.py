@@ -220,20 +220,22 @@ def test_client_with_masked_and_unmasked_products_gets_pixel_auroc(tmp_path):
 
 
 @pytest.mark.slow
-def test_server_rejects_an_upload_in_the_wrong_dtype_and_the_round_goes_on(tmp_path, caplog):
+@pytest.mark.parametrize(("precision", "smaller_by"), [("int8", 2), ("int4", 3)])
+def test_server_rejects_an_upload_in_the_wrong_dtype_and_the_round_goes_on(tmp_path, caplog, precision, smaller_by):
     from anomalib_feddymem.federation.build import build_clients
     from anomalib_feddymem.federation.runner import run_federation
     from anomalib_feddymem.federation.transport import InProcessTransport
 
-    config = _config(tmp_path, rounds=1, model={**MODEL, "upload_precision": "int8"})
+    config = _config(tmp_path, rounds=1, model={**MODEL, "upload_precision": precision})
     clients = build_clients(config)
     clients[1].model.upload_precision = "float32"  # a misconfigured (or hostile) site
     with caplog.at_level(logging.WARNING):
         result = run_federation(InProcessTransport(clients, image_size=64), config)
     rows = _rows(tmp_path)
     assert rows[0]["status"] == "ok"
-    assert rows[1]["status"] == "rejected: items must be int8 on the wire, got float32"
-    assert "Rejected the upload of client 1: items must be int8 on the wire" in caplog.text
-    # int8 items are a quarter of float32 ones; weights, the affine code and headers are fixed costs
-    assert int(rows[0]["upload_bytes"]) < int(rows[1]["upload_bytes"]) / 2
+    assert rows[1]["status"] == f"rejected: items must be {precision} on the wire, got float32"
+    assert f"Rejected the upload of client 1: items must be {precision} on the wire" in caplog.text
+    # int8 items are a quarter of float32 ones, int4 an eighth; weights, the affine code and
+    # headers are fixed costs, and the two clients hold different numbers of images
+    assert int(rows[0]["upload_bytes"]) < int(rows[1]["upload_bytes"]) / smaller_by
     assert result.global_memory.shape[1] == 32

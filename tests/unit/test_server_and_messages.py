@@ -127,23 +127,44 @@ def test_memory_record_round_trip_and_bytes():
     assert decode_memory(encode_memory(items))[1] is None
 
 
-@pytest.mark.parametrize(("precision", "tolerance", "bytes_per_value"), [("float16", 0.01, 2), ("int8", None, 1)])
-def test_quantised_records_round_trip_within_their_step(precision, tolerance, bytes_per_value):
+@pytest.mark.parametrize("dim", [32, 33])  # int4 packs two codes a byte: an odd d pads one
+@pytest.mark.parametrize(("precision", "bytes_per_value"), [("float16", 2), ("int8", 1), ("int4", 0.5)])
+def test_quantised_records_round_trip_within_their_step(precision, bytes_per_value, dim):
     rng = np.random.default_rng(0)
-    items = (rng.normal(size=(64, 32)) * rng.uniform(0.1, 5, size=32)).astype(np.float32)
-    weights = rng.uniform(1, 9, size=64).astype(np.float32)
+    items = (rng.normal(size=(2000, dim)) * rng.uniform(0.1, 5, size=dim)).astype(np.float32)
+    weights = rng.uniform(1, 9, size=2000).astype(np.float32)
     record = encode_memory(items, weights, precision)
     decoded, decoded_weights = decode_memory(record, precision)
     assert decoded.dtype == np.float32
     assert decoded.shape == items.shape
     np.testing.assert_array_equal(decoded_weights, weights)
-    if tolerance is None:  # int8: half a step of each dimension's range
+    if precision == "float16":
+        np.testing.assert_allclose(decoded, items, rtol=0.01, atol=1e-3)
+    elif precision == "int8":  # half a step of each dimension's range
         step = (items.max(0) - items.min(0)) / 255
         assert (np.abs(decoded - items) <= step / 2 + 1e-6).all()
-    else:
-        np.testing.assert_allclose(decoded, items, rtol=tolerance, atol=1e-3)
-    payload = items.size * bytes_per_value + weights.nbytes + (2 * 32 * 4 if precision == "int8" else 0)
+    else:  # half a step of each dimension's 0.1%-99.9% range; values beyond it are clipped to it
+        low, high = np.quantile(items, [0.001, 0.999], axis=0)
+        clipped = items.clip(low, high)
+        assert (np.abs(decoded - clipped) <= (high - low) / 15 / 2 + 1e-5).all()
+        assert ((items < low) | (items > high)).mean() < 0.003  # only the tails are clipped
+    code = 2 * dim * 4 if precision in {"int8", "int4"} else 0
+    payload = int(np.ceil(dim * bytes_per_value)) * len(items) + weights.nbytes + code
     assert payload < record_nbytes(record) < payload + 768
+
+
+def test_int4_codes_are_packed_two_a_byte_on_hand_made_points():
+    items = np.array([[0.0, 0.0, 0.0], [15.0, 15.0, 15.0]], dtype=np.float32)
+    record = encode_memory(items, precision="int4")
+    # each dimension's range is its 0.1%-99.9% quantiles, 0.015 to 14.985: 15 steps of 0.998
+    np.testing.assert_allclose(record["items-offset"].numpy(), [0.015] * 3, rtol=1e-5)
+    np.testing.assert_allclose(record["items-scale"].numpy(), [14.97 / 15] * 3, rtol=1e-5)
+    codes = record["items"].numpy()
+    assert codes.dtype == np.uint8
+    assert codes.tolist() == [[0x00, 0x00], [0xFF, 0xF0]]  # dims 0, 1 | dim 2, a zero pad
+    decoded, weights = decode_memory(record, "int4")
+    assert weights is None
+    np.testing.assert_allclose(decoded, [[0.015] * 3, [14.985] * 3], rtol=1e-5)
 
 
 def test_receiver_refuses_items_of_another_precision_or_a_broken_code():
@@ -162,8 +183,23 @@ def test_receiver_refuses_items_of_another_precision_or_a_broken_code():
     del record["items-offset"]
     with pytest.raises(ValueError, match="int8 items need"):
         decode_memory(record, "int8")
+    with pytest.raises(ValueError, match="items must be int4 on the wire, got int8"):
+        decode_memory(encode_memory(items, weights, "int8"), "int4")
+    with pytest.raises(ValueError, match="items must be int8 on the wire, got uint8"):
+        decode_memory(encode_memory(items, weights, "int4"), "int8")
+    record = encode_memory(items, weights, "int4")  # d = 4: two bytes a row
+    record["items-offset"] = Array(np.zeros(5, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"items-offset must be float32 of shape \(3,\) or \(4,\)"):
+        decode_memory(record, "int4")
+    record["items-offset"] = Array(np.zeros(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="one value per dimension"):
+        decode_memory(record, "int4")
+    record["items-scale"] = Array(np.full(4, np.nan, dtype=np.float32))
+    record["items-offset"] = Array(np.zeros(4, dtype=np.float32))
+    with pytest.raises(ValueError, match="items-scale has NaN"):
+        decode_memory(record, "int4")
     with pytest.raises(ValueError, match="wire precision must be one of"):
-        encode_memory(items, weights, "int4")
+        encode_memory(items, weights, "int2")
 
 
 def test_no_pickle_on_the_wire() -> None:

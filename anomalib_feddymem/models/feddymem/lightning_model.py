@@ -96,8 +96,10 @@ class FedDyMem(AnomalibModule):
             groups averaged (``"kmeans"``). Every group carries its total count as its weight.
         aggregation: How the server groups a union larger than ``global_memory_size``: one of
             ``reduce_method``'s choices (``"kmeans"`` warm-starts from the previous ``G``).
-        upload_precision: Wire precision of uploaded items: ``"float32"``, ``"float16"`` or
-            ``"int8"`` (per-dimension affine code, 4x fewer bytes than float32).
+        upload_precision: Wire precision of uploaded items: ``"float32"``, ``"float16"``,
+            ``"int8"`` (per-dimension affine code over each dimension's range, 4x fewer bytes
+            than float32) or ``"int4"`` (16 levels over each dimension's 0.1%-99.9% range, two
+            codes a byte: half of int8's bytes).
         grow_global_memory: Once a client holds ``G``, its memory-reduce (k-center) uploads only
             the groups of its bank that ``G`` covers worst, and the server adds them to ``G``: the
             global memory grows round by round instead of being rebuilt from the same uploads.
@@ -129,7 +131,7 @@ class FedDyMem(AnomalibModule):
         reduce_ratio: float = 6.0,
         reduce_method: Literal["coreset", "kcenter", "kmeans"] = "coreset",
         aggregation: Literal["coreset", "kcenter", "kmeans"] = "coreset",
-        upload_precision: Literal["float32", "float16", "int8"] = "int8",
+        upload_precision: Literal["float32", "float16", "int8", "int4"] = "int8",
         grow_global_memory: bool = True,
         memory_momentum: float = 1.0,
         num_nearest: int = 3,

@@ -25,7 +25,7 @@ from anomalib_feddymem.models.components.sampling import k_center_greedy
 
 MEMORY_INIT_METHODS = ("coreset", "kmeans")
 #: Wire precisions of uploaded items (see :mod:`anomalib_feddymem.federation.messages`).
-UPLOAD_PRECISIONS = ("float32", "float16", "int8")
+UPLOAD_PRECISIONS = ("float32", "float16", "int8", "int4")
 #: How memory-reduce and the server group items: k-center groups kept as their centre point
 #: (``"coreset"``) or as their weighted mean (``"kcenter"``), or weighted k-means (``"kmeans"``).
 GROUPING_METHODS = ("coreset", "kcenter", "kmeans")
