@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import re
 from dataclasses import dataclass, field
@@ -85,15 +84,13 @@ def run_settings(method: str, config: BenchmarkConfig) -> tuple:
     and the server's coreset ratio. Options left at their default and options set to that same
     default give the same key; the output folder is not part of it.
     """
-    if method == "feddymem_federated":
-        from anomalib_feddymem.federation.runner import model_options
+    from anomalib_feddymem.federation.runner import init_defaults, model_options
 
+    if method == "feddymem_federated":
         options = model_options(config.federation)
     elif method == "patchcore_federated":
-        parameters = inspect.signature(FastPatchcore.__init__).parameters
-        skip = {"self", "pre_processor", "post_processor", "evaluator", "visualizer"}
-        defaults = {name: p.default for name, p in parameters.items() if name not in skip}
-        options = {**defaults, **config.patchcore_options(), "server_coreset_ratio": config.server_coreset_ratio}
+        patchcore = {**init_defaults(FastPatchcore), **config.patchcore_options()}
+        options = {**patchcore, "server_coreset_ratio": config.server_coreset_ratio}
     else:
         msg = f"run_settings: {method!r} is not a federated method (feddymem_federated, patchcore_federated)."
         raise ValueError(msg)

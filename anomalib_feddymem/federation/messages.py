@@ -137,9 +137,8 @@ def decode_memory(record: ArrayRecord, precision: str | None = None) -> tuple[np
             items in another dtype are refused. ``None`` takes the items' dtype as it comes.
 
     Raises:
-        ValueError: a missing entry, items of another dtype than ``precision``, or a bad int8 or int4
-            code;
-            the message names it.
+        ValueError: a missing entry, items of another dtype than ``precision``, or a bad int8 or
+            int4 code; the message names it.
     """
     if ITEMS not in record:
         msg = f"Memory record has no {ITEMS!r} array (keys: {list(record.keys())})."

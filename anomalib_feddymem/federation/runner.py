@@ -33,7 +33,7 @@ from .metrics import plot_metrics, round_table, write_metrics_csv
 from .server import FederationError, server_step
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
     from pathlib import Path
 
     import torch
@@ -94,19 +94,27 @@ class FederationResult:
     exports: dict[int, Path]
 
 
+def init_defaults(module_class: type, skip: Iterable[str] = ()) -> dict[str, object]:
+    """The keyword defaults of an anomalib model's ``__init__``: the options it runs with when not set.
+
+    Not ``self``, anomalib's components (pre/post-processor, evaluator, visualizer) nor ``skip``.
+    """
+    excluded = {"self", "pre_processor", "post_processor", "evaluator", "visualizer", *skip}
+    parameters = inspect.signature(module_class.__init__).parameters
+    return {name: p.default for name, p in parameters.items() if name not in excluded}
+
+
 def model_options(config: FederationConfig) -> dict[str, object]:
     """Every FedDyMem option as the clients use it: ``config.model`` over FedDyMem's defaults.
 
     Not the arguments the federation sets itself (:data:`~.client.RESERVED_OPTIONS`) nor
-    anomalib's components (pre/post-processor, evaluator, visualizer).
+    anomalib's components.
     """
     from anomalib_feddymem.models.feddymem import FedDyMem
 
     from .client import RESERVED_OPTIONS
 
-    skip = {"self", "post_processor", "evaluator", "visualizer", *RESERVED_OPTIONS}
-    parameters = inspect.signature(FedDyMem.__init__).parameters
-    return {**{name: p.default for name, p in parameters.items() if name not in skip}, **config.model}
+    return {**init_defaults(FedDyMem, RESERVED_OPTIONS), **config.model}
 
 
 def model_option(config: FederationConfig, name: str) -> object:
