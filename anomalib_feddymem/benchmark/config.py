@@ -77,7 +77,7 @@ def _default_frontier() -> dict[str, Any]:
 def _default_ablation() -> dict[str, Any]:
     return {
         "variants": list(ABLATIONS),
-        "reduce_ratios": [4, 32],
+        "reduce_ratios": [6, 32],
         "global_memory_sizes": [1024, 4096],
         "embedding_dims": [32, 64],
         "upload_precisions": ["float32", "float16", "int8", "int4"],

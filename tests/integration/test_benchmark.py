@@ -211,20 +211,20 @@ def test_frontier_runs_every_budget_and_reuses_the_main_runs(tiny_run):
 def test_a_run_is_known_by_the_options_it_uses_not_by_how_they_were_written(tmp_path):
     from anomalib_feddymem.benchmark.runner import run_settings
 
-    config = _config(tmp_path, tmp_path / "out", model={"reduce_ratio": 6.0})
+    config = _config(tmp_path, tmp_path / "out", model={"reduce_ratio": 4.0})
 
     def keys(method: str, changes: list[dict[str, Any]]) -> set[tuple]:
         return {run_settings(method, config.replace(**change)) for change in changes}
 
     same = [
         {},
-        {"model": {}},  # 6 is the class default
-        {"model": {"reduce_ratio": 6.0, "upload_precision": "int8", "layers": ["blocks.2", "blocks.4"]}},
-        {"model": {"reduce_ratio": 6}},  # an int from a YAML sweep, a float from the frontier
+        {"model": {}},  # 4 is the class default
+        {"model": {"reduce_ratio": 4.0, "upload_precision": "int4", "layers": ["blocks.2", "blocks.4"]}},
+        {"model": {"reduce_ratio": 4}},  # an int from a YAML sweep, a float from the frontier
         {"output": str(tmp_path / "elsewhere")},  # where a run writes does not change it
     ]
     assert len(keys("feddymem_federated", same)) == 1
-    different = [{"model": {"reduce_ratio": 4.0}}, {"alpha": 0.1}, {"model": {"upload_precision": "float16"}}]
+    different = [{"model": {"reduce_ratio": 6.0}}, {"alpha": 0.1}, {"model": {"upload_precision": "int8"}}]
     assert len(keys("feddymem_federated", different)) == len(different)
     assert run_settings("feddymem_federated", config) not in keys("feddymem_federated", different)
 
