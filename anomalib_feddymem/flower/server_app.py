@@ -35,8 +35,10 @@ class FlowerTransport:
     """The round loop's transport over a Flower ``Grid``.
 
     Nodes are asked which partition they hold (a ``query`` message) when the run starts and,
-    before every round, any node that connected since: a SuperNode restarted after a crash takes
-    its partition back in the next round.
+    before every round, any node that connected since or has not answered yet: a SuperNode
+    restarted after a crash takes its partition back in the next round, and so does one that was
+    still busy with an earlier run's message when this run asked (after ``flwr stop`` and a
+    resume, for instance).
 
     Args:
         grid: The ServerApp's grid.
@@ -53,6 +55,8 @@ class FlowerTransport:
         self.clients = config.clients
         #: Node id -> why it failed the query (it then holds no partition).
         self.query_failures: dict[int, str] = {}
+        #: Node id -> the seconds it was given to answer the query, for nodes that have not answered.
+        self.unanswered: dict[int, float] = {}
         #: Client id -> node id.
         self.nodes: dict[int, int] = {}
         self.queried: set[int] = set()
@@ -79,8 +83,8 @@ class FlowerTransport:
         self._query(node_ids, connect_timeout)
         missing = sorted(set(range(self.clients)) - set(self.nodes))
         if missing:
-            logger.warning("No SuperNode holds partition(s) %s; they count as failed clients (%s).", missing,
-                           self._unheld_reason())  # fmt: skip
+            logger.warning("No SuperNode holds partition(s) %s; they count as failed clients until one answers "
+                           "for them (%s).", missing, self._unheld_reason())  # fmt: skip
         logger.info("SuperNodes by partition id: %s", self.nodes)
 
     def _query(self, node_ids: list[int], timeout: float, *, rejoining: bool = False) -> None:
@@ -95,8 +99,10 @@ class FlowerTransport:
         messages = [Message(RecordDict({"config": ConfigRecord({})}), node, "query") for node in node_ids]
         connected = set(self.grid.get_node_ids())
         sites: list[int] = []
+        self.unanswered.update(dict.fromkeys(node_ids, timeout))
         for reply in self.grid.send_and_receive(messages, timeout=timeout):
             node = reply.metadata.src_node_id
+            self.unanswered.pop(node, None)
             if reply.has_error():
                 self.query_failures[node] = reply.error.reason
                 logger.warning("Node %s failed the query: %s", node, reply.error.reason)
@@ -123,11 +129,16 @@ class FlowerTransport:
             self.nodes[cid] = node
 
     def _rejoin(self) -> None:
-        """Query the nodes that connected since the last query (restarted or late SuperNodes)."""
-        new = sorted(set(self.grid.get_node_ids()) - self.queried)
+        """Query the nodes that connected since the last query or have not answered one yet."""
+        connected = set(self.grid.get_node_ids())
+        new = sorted(connected - self.queried)
         if new:
             logger.info("New SuperNode(s) %s connected; asking which partition they hold.", new)
             self._query(new, self.timeout, rejoining=True)
+        silent = sorted(connected & set(self.unanswered))
+        if silent:  # the same nodes as at the start: two claiming one partition is still an error
+            logger.info("SuperNode(s) %s did not answer the query yet; asking them again.", silent)
+            self._query(silent, self.timeout)
 
     def _send(self, kind: str, round_number: int, instructions: Mapping[int, RecordDict]) -> dict:
         if kind == "train":
@@ -166,11 +177,15 @@ class FlowerTransport:
         return replies
 
     def _unheld_reason(self) -> str:
-        """Why a partition has no node: the nodes that failed the query, with their reasons."""
-        if not self.query_failures:
-            return "no connected node reported it"
-        failed = "; ".join(f"node {node}: {reason}" for node, reason in sorted(self.query_failures.items()))
-        return f"node(s) failed the query: {failed}"
+        """Why a partition has no node: the nodes that failed or did not answer the query."""
+        reasons = []
+        if self.query_failures:
+            failed = "; ".join(f"node {node}: {reason}" for node, reason in sorted(self.query_failures.items()))
+            reasons.append(f"node(s) failed the query: {failed}")
+        if self.unanswered:
+            silent = "; ".join(f"node {node} within {wait:.0f}s" for node, wait in sorted(self.unanswered.items()))
+            reasons.append(f"no answer to the query from {silent}: restart a SuperNode that stays silent")
+        return "; ".join(reasons) or "no connected node reported it"
 
     def train(self, round_number: int, instructions: Mapping[int, RecordDict]) -> dict:
         """``train`` messages to the clients' nodes (after a resume, naming the round to restore)."""

@@ -5,7 +5,8 @@
   in the next round.
 * A run stopped after round 2 of 3 and started again with ``resume=true`` ends with the global
   memory of an uninterrupted run: the server continues from its checkpoint, each node from its
-  own saved state of that round.
+  own saved state of that round. A node still busy with the stopped run's round when the resumed
+  run asks for its partition is asked again before the round.
 * ``flwr run`` exits 0 whatever the ServerApp did; ``flwr ls --run-id`` shows a run's final status.
 """
 
@@ -86,6 +87,12 @@ def test_killed_supernode_fails_its_round_and_rejoins_after_restart(tmp_path: Pa
     assert [rows[3, c] for c in range(3)] == ["ok", "ok", "ok"], f"the restarted node rejoins round 3\n{log}"
 
 
+def _idle(flower: FlowerProcesses, node: str) -> bool:
+    """Whether a SuperNode has answered (or dropped) every message it pulled, from its log."""
+    log = (flower.logs / f"{node}.log").read_text()
+    return log.count("Receiving: ") == log.count("Sending: ") + log.count("Ignoring message ")
+
+
 def _run_id(flower: FlowerProcesses) -> int:
     match = re.search(r"Successfully started run (\d+)", _run_log(flower))
     assert match, flower.log_tail()
@@ -123,11 +130,17 @@ def test_stopped_run_resumes_to_the_uninterrupted_global_memory(tmp_path: Path) 
         flower.processes["run"].wait(timeout=300)
         assert checkpoint.latest_file.read_text().strip() == "round_002", "round 3 ended before the stop"
         assert "stopped" in _status(flower, run_id)
+        # Each node finishes the stopped run's message (Flower discards its reply) before the resume:
+        # a SuperNode pulls one message at a time, and a slow host can lose the next one at that handover.
+        _wait_for(lambda: all(_idle(flower, f"supernode_{p}") for p in range(2)), "the nodes to go idle", flower)
 
         resumed = flower.run_app({**run_config, "resume": True})
         assert resumed.returncode == 0, f"{resumed.stdout[-4000:]}\n{flower.log_tail()}"
         assert "Round 3/3" in resumed.stdout, resumed.stdout[-4000:]
         assert "Round 1/3" not in resumed.stdout, "the resumed run continues after round 2"
+        resumed_id = re.search(r"Successfully started run (\d+)", resumed.stdout)
+        assert resumed_id, resumed.stdout[-4000:]
+        assert _status(flower, int(resumed_id.group(1))) == "finished:completed", flower.log_tail()
 
         failing = flower.run_app({**run_config, "output": str(tmp_path / "bad"), "partition": "no-such-scheme"})
         assert failing.returncode == 0, "flwr run exits 0 even when the ServerApp fails"

@@ -16,7 +16,7 @@ import pytest
 from anomalib_feddymem.federation.config import FederationConfig
 from anomalib_feddymem.federation.server import FederationError
 from anomalib_feddymem.flower.server_app import FlowerTransport
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -229,3 +229,55 @@ def test_sites_with_their_own_data_federate_and_an_empty_site_fails_naming_its_p
     assert ("stripes", True) in checks
     assert ("stripes", False) in checks
     assert ("site_c", False) not in checks  # never validated, so checked again on every message
+
+
+class _BusyGrid(_Grid):
+    """Node 12 ignores its first ``busy`` queries (busy with another run's message); ``train`` replies are empty."""
+
+    def __init__(self, busy: int) -> None:
+        super().__init__({11: 0, 12: 1}, {})
+        self.busy = busy
+        self.queries: list[int] = []
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[_Reply]:
+        replies = []
+        for message in messages:
+            node, kind = message.metadata.dst_node_id, message.metadata.message_type
+            if kind != "query":
+                replies.append(_Reply(node, RecordDict()))
+                continue
+            self.queries.append(node)
+            if node == 12 and self.queries.count(12) <= self.busy:
+                continue  # no reply within the timeout
+            replies.extend(super().send_and_receive([message], timeout))
+        return replies
+
+
+def _train(transport: FlowerTransport) -> dict:
+    return transport.train(1, {cid: RecordDict({"config": ConfigRecord({})}) for cid in transport.client_ids})
+
+
+def test_a_node_that_did_not_answer_the_query_is_asked_again_before_the_round(tmp_path: Path) -> None:
+    from anomalib_feddymem.federation.runner import ClientFailure
+
+    grid = _BusyGrid(busy=1)
+    transport = FlowerTransport(grid, _config(tmp_path), timeout=5, connect_timeout=1)
+    assert transport.nodes == {0: 11}
+    replies = _train(transport)
+    assert grid.queries == [11, 12, 12]  # the connected, already answered node 11 is not asked again
+    assert transport.nodes == {0: 11, 1: 12}
+    assert not any(isinstance(reply, ClientFailure) for reply in replies.values()), replies
+    _train(transport)
+    assert grid.queries == [11, 12, 12], "a node that answered is not asked again"
+
+
+def test_a_node_that_never_answers_the_query_fails_its_partition_naming_the_node_and_the_wait(tmp_path: Path) -> None:
+    from anomalib_feddymem.federation.runner import ClientFailure
+
+    grid = _BusyGrid(busy=10)
+    transport = FlowerTransport(grid, _config(tmp_path), timeout=5, connect_timeout=1)
+    for _ in range(2):
+        replies = _train(transport)
+        assert isinstance(replies[1], ClientFailure)
+        assert "partition 1 (no answer to the query from node 12 within 5s: restart" in replies[1].reason
+    assert grid.queries == [11, 12, 12, 12]
