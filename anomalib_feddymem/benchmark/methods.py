@@ -160,14 +160,35 @@ def _holders(partitions: Sequence[ClientPartition], dataset: str) -> list[int]:
     return [part.client_id for part in partitions if dataset in part.test_products]
 
 
+def _same_network(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two anomalib models' torch networks hold equal tensors, so that they score alike.
+
+    :func:`evaluate` runs only the torch network (``model.model``) and the pre-processor, which
+    every client of a benchmark builds from one config.
+    """
+    first, second = a.model.state_dict(), b.model.state_dict()
+    return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+
+
 def _score_by_holders(
     models: Mapping[int, Any], partitions: Sequence[ClientPartition], tests: Mapping[str, Any]
 ) -> dict[str, DatasetScore]:
-    """Every dataset scored by the clients that hold it (mean of their AUROCs)."""
+    """Every dataset scored by the clients that hold it (mean of their AUROCs).
+
+    Holders whose networks are equal (federated FedDyMem's clients all hold the final ``G``)
+    are scored once: their results are the same, and the test set is the benchmark's slowest part.
+    """
     scores = {}
     for name, module in tests.items():
         holders = _holders(partitions, name)
-        results = [evaluate(models[cid].cpu(), module.test_dataloader()) for cid in holders]
+        scored: list[tuple[Any, EvaluationResult]] = []
+        results = []
+        for cid in holders:
+            result = next((done for model, done in scored if _same_network(model, models[cid])), None)
+            if result is None:
+                result = evaluate(models[cid].cpu(), module.test_dataloader())
+                scored.append((models[cid], result))
+            results.append(result)
         scores[name] = DatasetScore(mean_result(results), [models[cid] for cid in holders])
     return scores
 

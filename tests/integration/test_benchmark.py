@@ -12,7 +12,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 from anomalib_feddymem.benchmark.config import METHODS, load_benchmark_config
 from anomalib_feddymem.benchmark.report import COLUMNS, read_csv
 
@@ -309,10 +311,11 @@ def test_shipped_configs_load():
     from anomalib_feddymem.federation.config import shipped_configs
 
     configs = sorted((shipped_configs() / "benchmark").glob("*.yaml"))
-    assert [path.name for path in configs] == ["shared_data.yaml", "shared_data_ablations.yaml", "synthetic.yaml"]
+    ablation_only = ["shared_data_ablations.yaml", "shared_data_sweeps.yaml"]
+    assert [path.name for path in configs] == ["shared_data.yaml", *ablation_only, "synthetic.yaml"]
     for path in configs:
         config = load_benchmark_config(path)
-        expected = ["feddymem_federated"] if path.name == "shared_data_ablations.yaml" else list(METHODS)
+        expected = ["feddymem_federated"] if path.name in ablation_only else list(METHODS)
         assert config.methods == expected, path
         patchcore = config.patchcore_options()
         assert patchcore["backbone"] == config.federation.model.get("backbone", "tf_efficientnet_lite0")
@@ -343,3 +346,46 @@ def test_timing_images_are_resized_to_the_exported_input_size() -> None:
     images = timing_images(module, 5, image_size=128)
     assert images.shape == (5, 3, 128, 128)
     assert timing_images(module, 3).shape == (3, 3, 256, 256), "no size given: images as loaded"
+
+
+class _Scored(torch.nn.Module):
+    """An anomalib-like model: ``model`` is the torch network the evaluation runs."""
+
+    def __init__(self, weight: float) -> None:
+        super().__init__()
+        self.model = torch.nn.Linear(2, 1)
+        torch.nn.init.constant_(self.model.weight, weight)
+        torch.nn.init.zeros_(self.model.bias)
+
+
+class _TestSet:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def test_dataloader(self) -> str:
+        return self.name
+
+
+def test_holders_with_equal_networks_are_scored_once_and_the_others_each(monkeypatch):
+    from anomalib_feddymem.benchmark import methods
+    from anomalib_feddymem.evaluation import EvaluationResult
+    from anomalib_feddymem.federation.partition import ClientPartition
+
+    calls: list[tuple[float, str]] = []
+
+    def evaluate(model: _Scored, loader: str) -> EvaluationResult:
+        calls.append((float(model.model.weight[0, 0]), loader))
+        auroc = {1.0: 0.9, 2.0: 0.7}[float(model.model.weight[0, 0])]
+        return EvaluationResult(image_auroc=auroc, pixel_auroc=None, infer_ms_per_image=1.0, num_images=4)
+
+    monkeypatch.setattr(methods, "evaluate", evaluate)
+    models = {0: _Scored(1.0), 1: _Scored(1.0), 2: _Scored(2.0)}
+    held = np.arange(3)
+    partitions = [ClientPartition(0, {"a": held, "b": held}), ClientPartition(1, {"a": held, "b": held[:0]}),
+                  ClientPartition(2, {"a": held, "b": held})]  # fmt: skip
+    tests = {name: _TestSet(name) for name in ("a", "b")}
+    scores = methods._score_by_holders(models, partitions, tests)
+    assert calls == [(1.0, "a"), (2.0, "a"), (1.0, "b"), (2.0, "b")]
+    assert scores["a"].result.image_auroc == pytest.approx((0.9 + 0.9 + 0.7) / 3)  # still the mean over holders
+    assert scores["b"].result.image_auroc == pytest.approx((0.9 + 0.7) / 2)
+    assert len(scores["a"].models) == 3
