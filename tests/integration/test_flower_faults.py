@@ -34,13 +34,14 @@ pytestmark = pytest.mark.slow
 FAULT_RUN = {"num-server-rounds": 3, "min-clients": 2, "round-timeout": 300}
 
 
-def _wait_for(condition, what: str, flower: FlowerProcesses, timeout: float = 600) -> None:
+def _wait_for(condition, what: str, flower: FlowerProcesses, timeout: float = 600, *, run_ends: bool = False) -> None:
+    """Wait for ``condition``; fail at once if the ``flwr run`` process ends first (unless ``run_ends``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
         run = flower.processes.get("run")
-        if run is not None and run.poll() is not None and not condition():
+        if not run_ends and run is not None and run.poll() is not None and not condition():
             pytest.fail(f"the run ended before {what}:\n{flower.log_tail()}")
         time.sleep(0.5)
     pytest.fail(f"timed out waiting for {what}:\n{flower.log_tail()}")
@@ -132,7 +133,8 @@ def test_stopped_run_resumes_to_the_uninterrupted_global_memory(tmp_path: Path) 
         assert "stopped" in _status(flower, run_id)
         # Each node finishes the stopped run's message (Flower discards its reply) before the resume:
         # a SuperNode pulls one message at a time, and a slow host can lose the next one at that handover.
-        _wait_for(lambda: all(_idle(flower, f"supernode_{p}") for p in range(2)), "the nodes to go idle", flower)
+        _wait_for(lambda: all(_idle(flower, f"supernode_{p}") for p in range(2)), "the nodes to go idle", flower,
+                  run_ends=True)  # fmt: skip
 
         resumed = flower.run_app({**run_config, "resume": True})
         assert resumed.returncode == 0, f"{resumed.stdout[-4000:]}\n{flower.log_tail()}"
