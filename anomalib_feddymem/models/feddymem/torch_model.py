@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 RERANKED_CANDIDATES = 3
 
 
+def _exporting() -> bool:
+    """Whether this forward pass is being traced into a graph for another runtime (ONNX, OpenVINO)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def validate_backbone(backbone: str, layers: Sequence[str]) -> dict[str, int]:
     """Check that ``backbone`` is a timm model with the requested feature ``layers``.
 
@@ -235,19 +240,25 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
         """Distance of every patch of a ``(B, d, h, w)`` embedding to ``G``: ``(B, 1, h, w)``.
 
         Items are ranked by ``|m|^2 - 2 q.m`` (one fused matmul; ``|q|^2`` is the same for every
-        item), both sides centred on ``G``'s mean; the distances to the best-ranked few
-        (:data:`RERANKED_CANDIDATES` more than needed) are then recomputed as ``|q - m|^2`` and the
-        nearest kept. The expansion cancels (``|q|^2 + |m|^2`` is far larger than a nearest
-        distance), which float32 tolerates but a reduced-precision runtime does not: OpenVINO
-        computes the matmul in bfloat16 on CPUs that support it, and may rank a slightly farther
-        item first. For one neighbour the candidates are compared one by one (element-wise ops,
-        which the exported IR keeps in float32), without reshaping the queries.
+        item), both sides centred on ``G``'s mean. The expansion cancels (``|q|^2 + |m|^2`` is far
+        larger than a nearest distance), which float32 tolerates: in eager torch the nearest
+        distance is the ranking's minimum plus ``|q|^2``, as in Patchcore, without a top-k (which
+        costs torch's CPU kernels almost as much as the matmul). A reduced-precision runtime does
+        not tolerate it: OpenVINO computes the matmul in bfloat16 on CPUs that support it, and may
+        rank a slightly farther item first. So an exported graph (and ``num_neighbors > 1``)
+        recomputes the distances to the best-ranked few (:data:`RERANKED_CANDIDATES` more than
+        needed) as ``|q - m|^2`` and keeps the nearest. For one neighbour the candidates are
+        compared one by one (element-wise ops, which the exported IR keeps in float32), without
+        reshaping the queries.
         """
         batch, _, height, width = embedding.shape
         queries = self.flatten(embedding) - self.memory_center
         negated = self.negated_items  # an Add of the negated items, not a Sub, survives OpenVINO's CPU passes unmarked
         ranking = torch.addmm(self.item_norms, queries, negated.T, alpha=2)
         k = min(self.num_neighbors, self.memory.shape[0])
+        if k == 1 and not _exporting():
+            nearest = ranking.amin(dim=1) + (queries * queries).sum(dim=1)
+            return nearest.clamp_min(0).sqrt().reshape(batch, 1, height, width)
         candidates = ranking.topk(min(k + RERANKED_CANDIDATES, self.memory.shape[0]), dim=1, largest=False).indices
         if k == 1:
             scores = None
