@@ -37,7 +37,13 @@ def images(batch: int = 3, size: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- scoring
-def test_patch_score_is_distance_to_nearest_item(network: FedDyMemModel) -> None:
+@pytest.mark.parametrize("exporting", [False, True], ids=["eager", "exported-rerank"])
+def test_patch_score_is_distance_to_nearest_item(
+    network: FedDyMemModel, exporting: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anomalib_feddymem.models.feddymem import torch_model
+
+    monkeypatch.setattr(torch_model, "is_exporting", lambda: exporting)
     memory = torch.randn(10, EMBEDDING_DIM, generator=torch.Generator().manual_seed(0))
     network.set_memory(memory)
     embedding = torch.randn(2, EMBEDDING_DIM, 3, 4, generator=torch.Generator().manual_seed(1))
@@ -50,6 +56,28 @@ def test_patch_score_is_distance_to_nearest_item(network: FedDyMemModel) -> None
     torch.testing.assert_close(scores[:, 0], expected, atol=5e-3, rtol=1e-4)
     assert scores[0, 0, 0, 0] < 1e-2
     assert scores[0, 0, 1, 1] == scores.max(), "the far patch scores highest"
+
+
+def test_patch_scores_in_reused_blocks_match_cdist_in_and_out_of_inference_mode(
+    network: FedDyMemModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks smaller than the queries, a buffer made in inference mode then reused outside it."""
+    from anomalib_feddymem.models.feddymem import torch_model
+
+    memory = torch.randn(7, EMBEDDING_DIM, generator=torch.Generator().manual_seed(3))
+    network.set_memory(memory)
+    network._ranking_block = None
+    monkeypatch.setattr(torch_model, "RANKING_BLOCK_ELEMENTS", 5 * 7)  # blocks of 5 queries, the last one short
+    embedding = torch.randn(2, EMBEDDING_DIM, 3, 4, generator=torch.Generator().manual_seed(4))
+    expected = torch.cdist(network.flatten(embedding), memory).min(dim=1).values.reshape(2, 1, 3, 4)
+    with torch.inference_mode():
+        first = network.patch_scores(embedding)
+    with torch.no_grad():
+        second = network.patch_scores(embedding)
+    torch.testing.assert_close(first, expected, atol=5e-3, rtol=1e-4)
+    torch.testing.assert_close(second, expected, atol=5e-3, rtol=1e-4)
+    assert network._ranking_block is not None
+    assert network._ranking_block.numel() == 5 * 7
 
 
 def test_softmin_over_neighbours_lies_between_nearest_and_kth(network: FedDyMemModel) -> None:

@@ -15,6 +15,10 @@ The attribute does not survive a node the CPU plugin replaces while compiling: i
 those two (lossless) conversions itself before marking. A constant-weight ``MatMul`` still becomes
 a bfloat16 ``FullyConnected``; FedDyMem only ranks memory items with it and recomputes the chosen
 distances exactly (``FedDyMemModel.patch_scores``).
+
+Eager torch computes in float32 and takes faster routes where an exported graph must not (a
+nearest distance straight from the ranking, an anomaly map as two matrix products with cached
+matrices): :func:`is_exporting` tells the two apart.
 """
 
 from __future__ import annotations
@@ -24,11 +28,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-__all__ = ["PRECISE_ATTRIBUTE", "downgrade_replaced_ops", "keep_float32"]
+__all__ = ["PRECISE_ATTRIBUTE", "downgrade_replaced_ops", "is_exporting", "keep_float32"]
 
 #: ``ov::DisableFP16Compression``'s name and version in the IR (``OPENVINO_RTTI("precise", "0")``).
 PRECISE_ATTRIBUTE = {"name": "precise", "version": "0"}
+
+
+def is_exporting() -> bool:
+    """Whether this forward pass is being traced into a graph for another runtime (ONNX, OpenVINO)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def _interpolate_v4(op: Any) -> Any:  # noqa: ANN401 - openvino nodes

@@ -16,6 +16,7 @@ from anomalib.models.components import DynamicBufferMixin, TimmFeatureExtractor
 from torch import nn
 from torch.nn import functional as F  # noqa: N812 - torch's and anomalib's convention
 
+from anomalib_feddymem.models.components.export import is_exporting
 from anomalib_feddymem.models.components.weights import has_offline_weights
 
 from .anomaly_map import AnomalyMapGenerator
@@ -28,10 +29,9 @@ if TYPE_CHECKING:
 #: ``FedDyMemModel.patch_scores``): the matmul ranking may swap items at nearly equal distances.
 RERANKED_CANDIDATES = 3
 
-
-def _exporting() -> bool:
-    """Whether this forward pass is being traced into a graph for another runtime (ONNX, OpenVINO)."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+#: Entries of the ranking block eager scoring reuses (16 MB of float32): queries are ranked in
+#: blocks of ``RANKING_BLOCK_ELEMENTS // len(G)`` rows, so the buffer is allocated once, not per call.
+RANKING_BLOCK_ELEMENTS = 1 << 22
 
 
 def validate_backbone(backbone: str, layers: Sequence[str]) -> dict[str, int]:
@@ -189,6 +189,7 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
         self.register_buffer("negated_items", torch.empty(0), persistent=False)
         self.register_buffer("item_norms", torch.empty(0), persistent=False)
         self.register_load_state_dict_post_hook(_derive_after_load)
+        self._ranking_block: torch.Tensor | None = None  # scratch of eager scoring, not state
 
     def train(self, mode: bool = True) -> FedDyMemModel:
         """Keep the frozen backbone in eval mode (its batch-norm statistics never change)."""
@@ -245,20 +246,19 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
         distance is the ranking's minimum plus ``|q|^2``, as in Patchcore, without a top-k (which
         costs torch's CPU kernels almost as much as the matmul). A reduced-precision runtime does
         not tolerate it: OpenVINO computes the matmul in bfloat16 on CPUs that support it, and may
-        rank a slightly farther item first. So an exported graph (and ``num_neighbors > 1``)
-        recomputes the distances to the best-ranked few (:data:`RERANKED_CANDIDATES` more than
-        needed) as ``|q - m|^2`` and keeps the nearest. For one neighbour the candidates are
-        compared one by one (element-wise ops, which the exported IR keeps in float32), without
-        reshaping the queries.
+        rank a slightly farther item first. So an exported graph (and ``num_neighbors > 1``, or a
+        pass that needs gradients) recomputes the distances to the best-ranked few
+        (:data:`RERANKED_CANDIDATES` more than needed) as ``|q - m|^2`` and keeps the nearest. For
+        one neighbour the candidates are compared one by one (element-wise ops, which the exported
+        IR keeps in float32), without reshaping the queries.
         """
         batch, _, height, width = embedding.shape
         queries = self.flatten(embedding) - self.memory_center
         negated = self.negated_items  # an Add of the negated items, not a Sub, survives OpenVINO's CPU passes unmarked
-        ranking = torch.addmm(self.item_norms, queries, negated.T, alpha=2)
         k = min(self.num_neighbors, self.memory.shape[0])
-        if k == 1 and not _exporting():
-            nearest = ranking.amin(dim=1) + (queries * queries).sum(dim=1)
-            return nearest.clamp_min(0).sqrt().reshape(batch, 1, height, width)
+        if k == 1 and not is_exporting() and not queries.requires_grad:
+            return self._nearest_distances(queries).reshape(batch, 1, height, width)
+        ranking = torch.addmm(self.item_norms, queries, negated.T, alpha=2)
         candidates = ranking.topk(min(k + RERANKED_CANDIDATES, self.memory.shape[0]), dim=1, largest=False).indices
         if k == 1:
             scores = None
@@ -272,6 +272,28 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
             nearest = (difference * difference).sum(dim=-1).topk(k, dim=1, largest=False).values.sqrt()
             scores = (F.softmin(nearest, dim=1) * nearest).sum(dim=1)
         return scores.reshape(batch, 1, height, width)
+
+    def _nearest_distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """Eager float32 distance of each ``(N, d)`` centred query to its nearest item: ``(N,)``.
+
+        The ranking is computed block by block into one reused buffer: an ``N x len(G)`` matrix
+        allocated afresh for every image is mapped and page-faulted in each time by an allocator
+        that maps large blocks (glibc above ``MALLOC_MMAP_THRESHOLD_``).
+        """
+        items = self.memory.shape[0]
+        rows = max(1, min(queries.shape[0], RANKING_BLOCK_ELEMENTS // items))
+        block = self._ranking_block
+        reusable = block is not None and block.device == queries.device and block.dtype == queries.dtype
+        if not reusable or block.numel() < rows * items:
+            with torch.inference_mode(mode=False):  # a normal tensor, writable in and out of inference mode
+                block = self._ranking_block = queries.new_empty(rows * items)
+        nearest = queries.new_empty(queries.shape[0])
+        for start in range(0, queries.shape[0], rows):
+            chunk = queries[start : start + rows]
+            ranking = block[: chunk.shape[0] * items].view(chunk.shape[0], items)
+            torch.addmm(self.item_norms, chunk, self.negated_items.T, alpha=2, out=ranking)
+            torch.amin(ranking, dim=1, out=nearest[start : start + rows])
+        return nearest.add_((queries * queries).sum(dim=1)).clamp_min_(0).sqrt_()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | InferenceBatch:
         """Embeddings ``(B, d, h, w)`` in training mode; scores and maps in eval mode."""
