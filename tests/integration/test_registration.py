@@ -194,6 +194,34 @@ def test_cli_train_with_config_file(synthetic_folder: Path, tmp_path: Path, cli:
     assert checkpoint["hyper_parameters"]["backbone"] == "tf_efficientnet_lite0"
 
 
+def test_config_file_splits_the_test_images_the_same_way_every_run(synthetic_folder: Path) -> None:
+    """The shipped config's threshold half and metric half do not depend on the global RNG's state.
+
+    anomalib's ``random_split`` draws from the global generator when the datamodule has no seed,
+    whose state at ``setup`` depends on what ran before it: the F1 threshold and every reported
+    metric then move between two runs of the same command.
+    """
+    from anomalib.data import Folder
+
+    options = yaml.safe_load(CONFIG.read_text())["data"]["init_args"]
+    options.update(
+        name=synthetic_folder.name,
+        root=str(synthetic_folder),
+        abnormal_dir=["test/blob", "test/scratch"],
+        mask_dir=["ground_truth/blob", "ground_truth/scratch"],
+    )
+    splits = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        datamodule = Folder(**options)
+        datamodule.setup()
+        splits.append((sorted(datamodule.val_data.samples.image_path), sorted(datamodule.test_data.samples.image_path)))
+    (validation, test), (validation_again, test_again) = splits
+    assert validation, "the config's from_test split left no validation images"
+    assert not set(validation) & set(test), "the threshold half and the metric half overlap"
+    assert (validation, test) == (validation_again, test_again), "the split follows the global RNG"
+
+
 def test_config_file_lists_the_model_defaults() -> None:
     """The shipped config documents every FedDyMem option with its current default."""
     from anomalib_feddymem import FedDyMem
