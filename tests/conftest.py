@@ -182,6 +182,16 @@ def cli() -> Callable[..., subprocess.CompletedProcess]:
 
 
 # ------------------------------------------------------------------- helpers shared by test files
+def folder_init_args(folder: Path) -> dict[str, Any]:
+    """The synthetic MVTec-layout folder's own keys of an anomalib ``Folder``'s ``init_args``."""
+    return {
+        "name": folder.name,
+        "root": str(folder),
+        "abnormal_dir": ["test/blob", "test/scratch"],
+        "mask_dir": ["ground_truth/blob", "ground_truth/scratch"],
+    }
+
+
 def folder_data_options(folder: Path) -> list[str]:
     """``--data.*`` options of an anomalib ``Folder`` over a synthetic MVTec-layout folder."""
     return [

@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import folder_data_options, only_checkpoint, python
+from conftest import folder_data_options, folder_init_args, only_checkpoint, python
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -204,18 +204,17 @@ def test_config_file_splits_the_test_images_the_same_way_every_run(synthetic_fol
     from anomalib.data import Folder
 
     options = yaml.safe_load(CONFIG.read_text())["data"]["init_args"]
-    options.update(
-        name=synthetic_folder.name,
-        root=str(synthetic_folder),
-        abnormal_dir=["test/blob", "test/scratch"],
-        mask_dir=["ground_truth/blob", "ground_truth/scratch"],
-    )
+    options.update(folder_init_args(synthetic_folder))
     splits = []
-    for global_seed in (1, 2):
-        torch.manual_seed(global_seed)
-        datamodule = Folder(**options)
-        datamodule.setup()
-        splits.append((sorted(datamodule.val_data.samples.image_path), sorted(datamodule.test_data.samples.image_path)))
+    with torch.random.fork_rng():  # the global seeds below stay inside this test
+        for global_seed in (1, 2):
+            torch.manual_seed(global_seed)
+            datamodule = Folder(**options)
+            datamodule.setup()
+            splits.append((
+                sorted(datamodule.val_data.samples.image_path),
+                sorted(datamodule.test_data.samples.image_path),
+            ))
     (validation, test), (validation_again, test_again) = splits
     assert validation, "the config's from_test split left no validation images"
     assert not set(validation) & set(test), "the threshold half and the metric half overlap"
@@ -253,12 +252,7 @@ def test_anomalib_benchmark_patchcore_vs_feddymem(tmp_path: Path, cli: Callable[
     config = yaml.safe_load(BENCHMARK_CONFIG.read_text())
     assert config["benchmark"]["model"]["class_path"]["grid"] == ["FastPatchcore", "FedDyMem"]
     data = config["benchmark"]["data"]["init_args"]
-    data.update(
-        name=synthetic_folder.name,
-        root=str(synthetic_folder),
-        abnormal_dir=["test/blob", "test/scratch"],
-        mask_dir=["ground_truth/blob", "ground_truth/scratch"],
-    )
+    data.update(folder_init_args(synthetic_folder))
     path = tmp_path / "benchmark.yaml"
     path.write_text(yaml.safe_dump(config))
     result = cli(["anomalib", "benchmark", "--config", path], cwd=tmp_path)
