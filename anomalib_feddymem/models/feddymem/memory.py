@@ -122,6 +122,17 @@ def _group_means(
     return (sums[keep] / totals[keep, None]).float(), totals[keep].float()
 
 
+def _all_finite(values: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN or infinity, without a boolean copy of a server-sized union.
+
+    ``aminmax`` propagates NaN and returns an infinity as the minimum or the maximum.
+    """
+    if values.numel() == 0:
+        return True
+    low, high = torch.aminmax(values)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
 def _checked_points(
     points: torch.Tensor, weights: torch.Tensor, k: int, caller: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,8 +144,7 @@ def _checked_points(
         msg = f"points must be (N, d) and weights (N,), got {tuple(points.shape)} and {tuple(weights.shape)}."
         raise ValueError(msg)
     x, w = points.detach().cpu().float(), weights.detach().cpu().float()
-    finite = all(bool(torch.isfinite(rows).all()) for rows in torch.split(x, 16384)) and bool(torch.isfinite(w).all())
-    if not finite or (w < 0).any():
+    if not (_all_finite(x) and _all_finite(w)) or (w < 0).any():
         msg = f"{caller} needs finite points and finite, non-negative weights."
         raise ValueError(msg)
     keep = w > 0

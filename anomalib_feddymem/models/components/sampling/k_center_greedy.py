@@ -24,7 +24,7 @@ random state, because it
   distance of a skipped point is strictly above its kept minimum and ``torch.minimum`` would have
   kept the old value.
 
-The points are ordered by a k-d tree on the projected coordinates and cut into blocks of 128
+The points are ordered by a k-d tree on the projected coordinates and cut into blocks of 64
 points with their bounding boxes. For a new centre, blocks whose box is farther than the block's
 largest threshold are skipped whole (the box distance bounds every member's projected distance);
 in the other blocks each point's projected bound is tested; only the survivors get the exact
@@ -55,7 +55,7 @@ _RELATIVE = 1e-4
 _ABSOLUTE = 2e-5
 # Number of principal directions of the lower bounds; points per leaf block of the tree.
 _PROJECTED_DIM = 16
-_BLOCK = 128
+_BLOCK = 64
 _CHUNK = 65536
 _ROWS = 4096  # rows per exact-distance chunk
 
@@ -227,7 +227,7 @@ def _k_center_greedy(features: torch.Tensor, coreset_size: int, first_index: int
     block_max = min_distances.view(blocks, block).amax(dim=1)
     distances_by_block = min_distances.view(blocks, block)
     thresholds_by_block = threshold.view(blocks, block)
-    # (blocks, dim, block): the squared coordinate gaps are summed across rows of 128 points at once
+    # (blocks, dim, block): the squared coordinate gaps are summed across rows of a block's points at once
     projected_by_block = projected.view(blocks, block, dim).transpose(1, 2).contiguous()
     # Preallocated work buffers: the loop's temporaries would otherwise be fresh (page-faulting)
     # allocations every iteration.
