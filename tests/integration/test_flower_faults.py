@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -26,7 +27,7 @@ import torch
 from flower_processes import REPO, FlowerProcesses, run_config_overrides, synthetic_products, tiny_run_config
 
 if TYPE_CHECKING:
-    from pathlib import Path
+    import subprocess
 
 pytestmark = pytest.mark.slow
 
@@ -88,10 +89,40 @@ def test_killed_supernode_fails_its_round_and_rejoins_after_restart(tmp_path: Pa
     assert [rows[3, c] for c in range(3)] == ["ok", "ok", "ok"], f"the restarted node rejoins round 3\n{log}"
 
 
+def _clientapp_running(supernode: subprocess.Popen) -> bool:
+    """Whether a ``flwr-clientapp`` of this SuperNode (its process group) is alive (Linux ``/proc``)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[2]) == supernode.pid and fields[0] != "Z" and b"flwr-clientapp" in command:
+            return True
+    return False
+
+
 def _idle(flower: FlowerProcesses, node: str) -> bool:
-    """Whether a SuperNode has answered (or dropped) every message it pulled, from its log."""
-    log = (flower.logs / f"{node}.log").read_text()
-    return log.count("Receiving: ") == log.count("Sending: ") + log.count("Ignoring message ")
+    """Whether a SuperNode has answered (or dropped) every message it pulled and runs no ClientApp.
+
+    A message pulled as the run stops is logged ``Ignoring message`` and yet, stored before the
+    SuperLink refused its receipt, still runs (Flower 1.42): it counts as done only once its
+    ClientApp has replied (``Ignoring reply message``). Hence the ClientApp launches are matched
+    with the replies, and the process table is checked too, twice a few seconds apart, so that a
+    ClientApp about to start is not missed.
+    """
+
+    def settled() -> bool:
+        log = (flower.logs / f"{node}.log").read_text()
+        replies = log.count("Sending: ")
+        answered = log.count("Receiving: ") <= replies + log.count("Ignoring message ")
+        launches_replied = log.count("Start `flwr-clientapp` process") == replies
+        return answered and launches_replied and not _clientapp_running(flower.processes[node])
+
+    if not settled():
+        return False
+    time.sleep(5)
+    return settled()
 
 
 def _run_id(flower: FlowerProcesses) -> int:
