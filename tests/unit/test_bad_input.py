@@ -135,6 +135,14 @@ def test_impossible_network_option_is_named(option: str, value: int) -> None:
         FedDyMemModel(pre_trained=False, **{option: value})
 
 
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_score_fraction_outside_unit_interval_is_named(value: float) -> None:
+    from anomalib_feddymem import FedDyMemModel
+
+    with pytest.raises(ValueError, match=r"^score_fraction must be in \[0, 1\]"):
+        FedDyMemModel(pre_trained=False, score_fraction=value)
+
+
 @pytest.mark.slow
 def test_cli_rejects_impossible_option(synthetic_folder: Path, tmp_path: Path, cli: Callable[..., Any]) -> None:
     """Through ``anomalib train`` the same error reaches the user, before any training."""

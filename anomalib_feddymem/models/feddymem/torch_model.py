@@ -144,6 +144,11 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
         num_neighbors: Items of ``G`` a patch is scored against; 1 is the nearest distance,
             more gives a softmin-weighted distance over the nearest items.
         sigma: Gaussian smoothing of the anomaly map.
+        score_fraction: The image score is the mean of the anomaly map's highest
+            ``score_fraction`` of pixels; 0 takes its maximum. A fraction of the map (not a pixel
+            count) keeps the score's meaning at every input size, and the mean over an area is
+            less at the mercy of one stray normal patch than the maximum, while a defect that
+            covers less than the fraction is still seen through the blurred peak around it.
 
     Example:
         >>> model = FedDyMemModel(backbone="tf_efficientnet_lite0", pre_trained=False)
@@ -161,6 +166,7 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
         embedding_dim: int | None = None,
         num_neighbors: int = 1,
         sigma: float = 4.0,
+        score_fraction: float = 0.01,
     ) -> None:
         super().__init__()
         if embedding_dim is not None and embedding_dim < 1:
@@ -168,6 +174,9 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
             raise ValueError(msg)
         if num_neighbors < 1:
             msg = f"num_neighbors must be >= 1, got {num_neighbors}."
+            raise ValueError(msg)
+        if not 0.0 <= score_fraction <= 1.0:
+            msg = f"score_fraction must be in [0, 1], got {score_fraction}."
             raise ValueError(msg)
         self.backbone = backbone
         self.layers = list(layers)
@@ -177,6 +186,7 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
         self.feature_dim = int(sum(self.feature_extractor.out_dims))
         self.embedding_dim = self.feature_dim if embedding_dim is None else embedding_dim
         self.num_neighbors = num_neighbors
+        self.score_fraction = score_fraction
         self.feature_pooler = nn.AvgPool2d(3, 1, 1)
         self.generator = MemoryGenerator(self.feature_dim, self.embedding_dim)
         self.anomaly_map_generator = AnomalyMapGenerator(sigma=sigma)
@@ -304,5 +314,15 @@ class FedDyMemModel(DynamicBufferMixin, nn.Module):
             msg = "FedDyMem has no global memory yet: train it (or load a checkpoint) before inference."
             raise RuntimeError(msg)
         anomaly_map = self.anomaly_map_generator(self.patch_scores(embedding), images.shape[-2:])
-        pred_score = torch.amax(anomaly_map, dim=(-3, -2, -1))
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        return InferenceBatch(pred_score=self.image_scores(anomaly_map), anomaly_map=anomaly_map)
+
+    def image_scores(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, W)`` anomaly maps to ``(B,)`` image scores: the mean of each map's top pixels.
+
+        ``max(1, int(score_fraction * H * W))`` pixels are averaged; with one it is the maximum.
+        """
+        pixels = anomaly_map.flatten(1)
+        count = max(1, int(self.score_fraction * pixels.shape[1]))
+        if count == 1:
+            return pixels.amax(dim=1)
+        return pixels.topk(count, dim=1).values.mean(dim=1)
