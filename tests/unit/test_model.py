@@ -104,26 +104,21 @@ def test_image_score_is_mean_of_top_fraction_of_anomaly_map(network: FedDyMemMod
 
 
 @pytest.mark.parametrize("fraction", [0.0, 1e-6])
-def test_image_score_is_max_when_fraction_covers_one_pixel(network: FedDyMemModel, fraction: float) -> None:
+def test_image_score_is_max_when_fraction_covers_one_pixel(
+    network: FedDyMemModel, fraction: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     network.set_memory(torch.randn(16, EMBEDDING_DIM, generator=torch.Generator().manual_seed(0)))
-    default, network.score_fraction = network.score_fraction, fraction
-    try:
-        output = network(images())
-    finally:
-        network.score_fraction = default
+    monkeypatch.setattr(network, "score_fraction", fraction)
+    output = network(images())
     torch.testing.assert_close(output.pred_score, output.anomaly_map.amax(dim=(1, 2, 3)))
 
 
-def test_image_scores_on_hand_made_map(network: FedDyMemModel) -> None:
+def test_image_scores_on_hand_made_map(network: FedDyMemModel, monkeypatch: pytest.MonkeyPatch) -> None:
     anomaly_map = torch.zeros(2, 1, 10, 10)
     anomaly_map[0, 0, 0, :3] = torch.tensor([9.0, 6.0, 3.0])  # a 3-pixel peak: top 2% = 2 pixels
     anomaly_map[1, 0, 5, 5] = 4.0
-    default, network.score_fraction = network.score_fraction, 0.02
-    try:
-        scores = network.image_scores(anomaly_map)
-    finally:
-        network.score_fraction = default
-    torch.testing.assert_close(scores, torch.tensor([7.5, 2.0]))
+    monkeypatch.setattr(network, "score_fraction", 0.02)
+    torch.testing.assert_close(network.image_scores(anomaly_map), torch.tensor([7.5, 2.0]))
 
 
 @pytest.fixture(scope="module")
