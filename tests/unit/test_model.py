@@ -80,16 +80,15 @@ def test_patch_scores_in_reused_blocks_match_cdist_in_and_out_of_inference_mode(
     assert network._ranking_block.numel() == 5 * 7
 
 
-def test_softmin_over_neighbours_lies_between_nearest_and_kth(network: FedDyMemModel) -> None:
+def test_softmin_over_neighbours_lies_between_nearest_and_kth(
+    network: FedDyMemModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     memory = torch.randn(10, EMBEDDING_DIM, generator=torch.Generator().manual_seed(0))
     embedding = torch.randn(1, EMBEDDING_DIM, 4, 4, generator=torch.Generator().manual_seed(2))
     network.set_memory(memory)
     distances = torch.cdist(network.flatten(embedding), memory).sort(dim=1).values
-    network.num_neighbors = 3
-    try:
-        scores = network.patch_scores(embedding).flatten()
-    finally:
-        network.num_neighbors = 1
+    monkeypatch.setattr(network, "num_neighbors", 3)
+    scores = network.patch_scores(embedding).flatten()
     assert (scores >= distances[:, 0] - 1e-4).all()
     assert (scores <= distances[:, 2] + 1e-4).all()
 
