@@ -40,13 +40,7 @@ from .methods import (
     run_patchcore_federated,
     run_patchcore_local,
 )
-from .timing import (
-    backbone_ms_per_image,
-    compile_openvino,
-    openvino_ms_per_image,
-    timing_images,
-    torch_ms_per_image,
-)
+from .timing import backbone_run, compile_openvino, median_ms, openvino_run, timing_images, torch_run
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -163,28 +157,33 @@ def resolve_datasets(config: BenchmarkConfig) -> BenchmarkConfig | None:
 def _time_models(
     config: BenchmarkConfig, runs: dict[str, MethodRun], tests: dict[str, Any]
 ) -> dict[tuple[str, str], dict]:
-    """Torch (and for FedDyMem, OpenVINO) median ms per image of every row's model, same images per dataset."""
+    """Torch (and for FedDyMem, OpenVINO and the backbone alone) median ms per image of every row's model.
+
+    Per dataset, every model times the same images, all of them taking turns on each image.
+    """
     compiled: dict[int, Any] = {}
     timings: dict[tuple[str, str], dict] = {}
     for dataset, module in tests.items():
         images = timing_images(module, config.timing_images, config.federation.image_size)
+        timed = {}
         for method, run in runs.items():
             model = run.scores[dataset].models[0]
-            entry = {
-                "infer_ms_per_image": torch_ms_per_image(model, images, config.timing_threads),
-                "infer_ms_per_image_openvino": None,
-                "backbone_ms_per_image": None,
-            }
+            timed[method, "infer_ms_per_image"] = torch_run(model, images)
             if method.startswith("feddymem"):
-                entry["backbone_ms_per_image"] = backbone_ms_per_image(model, images, config.timing_threads)
+                timed[method, "backbone_ms_per_image"] = backbone_run(model, images)
             if config.openvino and method.startswith("feddymem"):
                 if id(model) not in compiled:
                     export_root = config.federation.output_dir / "exports" / method / dataset
                     compiled[id(model)] = compile_openvino(
                         model, export_root, config.federation.image_size, config.timing_threads
                     )
-                entry["infer_ms_per_image_openvino"] = openvino_ms_per_image(compiled[id(model)], images)
-            timings[method, dataset] = entry
+                timed[method, "infer_ms_per_image_openvino"] = openvino_run(compiled[id(model)], images)
+        ms = median_ms(timed, config.timing_threads)
+        for method in runs:
+            timings[method, dataset] = {
+                key: ms.get((method, key))
+                for key in ("infer_ms_per_image", "infer_ms_per_image_openvino", "backbone_ms_per_image")
+            }
     return timings
 
 
@@ -245,7 +244,7 @@ without communication. fit_s: training wall time on this machine (for a federate
 the whole run, all clients sequentially, repeated in each of its rows). infer_ms_per_image: median
 ms per image, batch 1, full anomalib forward (pre-processing, network, post-processing) on the CPU
 with {config.timing_threads} thread(s), on the same {config.timing_images} test images of the dataset for every
-method, in one process;
+method, in one process, all models of a dataset taking turns on each image;
 _openvino: the same for the FedDyMem model exported with anomalib's `to_openvino`, compiled at
 OpenVINO's defaults; backbone_ms_per_image: FedDyMem's backbone forward alone on the same images.
 """

@@ -3,7 +3,8 @@
 Every model is timed on the *same* raw test images (resized to the benchmark's size, values in
 [0, 1]), one image at a time, through its whole anomalib forward (pre-processor, network,
 post-processor): exactly what the exported OpenVINO model computes, so the two figures compare.
-The figure is the median over the images after one warm-up call.
+All models of a dataset take turns on every image (:func:`median_ms`), and each figure is the
+median over the images after one warm-up call.
 
 Both runtimes use the same number of threads (``threads``, 1 by default): on a shared CPU,
 multi-threaded timings mostly measure the other processes, so one thread is the stable measure.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,21 +23,25 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Generator
+    from collections.abc import Generator, Hashable, Mapping
 
     from anomalib.data import AnomalibDataModule
     from anomalib.models.components import AnomalibModule
     from openvino import CompiledModel
 
 __all__ = [
-    "backbone_ms_per_image",
+    "TimedRun",
+    "backbone_run",
     "compile_openvino",
     "median_ms",
-    "openvino_ms_per_image",
+    "openvino_run",
     "timing_images",
-    "torch_ms_per_image",
+    "torch_run",
     "torch_threads",
 ]
+
+#: A callable timed on one image at a time and its ``(n, ...)`` inputs (see :func:`median_ms`).
+TimedRun = tuple[Callable[[torch.Tensor], Any], torch.Tensor]
 
 
 def timing_images(datamodule: AnomalibDataModule, count: int, image_size: int | None = None) -> torch.Tensor:
@@ -58,15 +64,36 @@ def timing_images(datamodule: AnomalibDataModule, count: int, image_size: int | 
     return batch.contiguous()
 
 
-def median_ms(run: Callable[[torch.Tensor], Any], images: torch.Tensor) -> float:
-    """Median milliseconds of ``run`` over the images, one at a time, after one warm-up call."""
-    run(images[:1])
-    timings = []
-    for image in images:
-        start = time.perf_counter()
-        run(image[None])
-        timings.append((time.perf_counter() - start) * 1000)
-    return float(statistics.median(timings))
+def median_ms(runs: Mapping[Hashable, TimedRun], threads: int = 1) -> dict[Hashable, float]:
+    """Median milliseconds per image of each run, the runs taking turns image by image.
+
+    Each run is a callable and its ``(n, ...)`` inputs: the same ``n`` images, as that run takes
+    them (raw, pre-processed). After one warm-up call of each, image ``i`` is passed to every run
+    in turn before image ``i + 1``. Timed one run after another instead, the load of a shared
+    CPU changes between them, and the ratios that the targets are stated in (a model against
+    Patchcore, against its own backbone) drift with it; taking turns gives every run the same
+    moments. Torch runs use ``threads`` intra-op threads, without autograd.
+
+    Raises:
+        ValueError: If a run has no inputs or another number of inputs than the first run.
+    """
+    counts = {name: len(inputs) for name, (_, inputs) in runs.items()}
+    if not counts:
+        return {}
+    first = next(iter(counts.values()))
+    if first == 0 or any(count != first for count in counts.values()):
+        msg = f"Every timed run needs the same, non-zero number of images; got {counts}."
+        raise ValueError(msg)
+    timings: dict[Hashable, list[float]] = {name: [] for name in runs}
+    with torch.no_grad(), torch_threads(threads):
+        for run, inputs in runs.values():
+            run(inputs[:1])
+        for index in range(first):
+            for name, (run, inputs) in runs.items():
+                start = time.perf_counter()
+                run(inputs[index : index + 1])
+                timings[name].append((time.perf_counter() - start) * 1000)
+    return {name: float(statistics.median(values)) for name, values in timings.items()}
 
 
 @contextmanager
@@ -80,25 +107,21 @@ def torch_threads(threads: int) -> Generator[None, None, None]:
         torch.set_num_threads(previous)
 
 
-@torch.no_grad()
-def torch_ms_per_image(module: torch.nn.Module, images: torch.Tensor, threads: int = 1) -> float:
-    """Median ms per image of an anomalib module's full forward on the CPU with ``threads`` threads."""
-    module = module.cpu().eval()
-    with torch_threads(threads):
-        return median_ms(module, images)
+def torch_run(module: torch.nn.Module, images: torch.Tensor) -> TimedRun:
+    """An anomalib module's full forward on the CPU (pre-processing, network, post-processing)."""
+    return module.cpu().eval(), images
 
 
-@torch.no_grad()
-def backbone_ms_per_image(module: torch.nn.Module, images: torch.Tensor, threads: int = 1) -> float:
-    """Median ms per image of the backbone's forward pass alone (on pre-processed images).
+def backbone_run(module: torch.nn.Module, images: torch.Tensor) -> TimedRun:
+    """The backbone's forward pass alone, on the images pre-processed beforehand.
 
     What a memory-bank model cannot go below: the rest of its forward pass is the memory search
     and the anomaly map.
     """
     module = module.cpu().eval()
-    inputs = module.pre_processor.transform(images) if module.pre_processor else images
-    with torch_threads(threads):
-        return median_ms(module.model.feature_extractor, inputs)
+    with torch.no_grad():
+        inputs = module.pre_processor.transform(images) if module.pre_processor else images
+    return module.model.feature_extractor, inputs
 
 
 def compile_openvino(
@@ -117,6 +140,6 @@ def compile_openvino(
     return ov.Core().compile_model(str(xml), "CPU", settings)
 
 
-def openvino_ms_per_image(compiled: CompiledModel, images: torch.Tensor) -> float:
-    """Median ms per image of a compiled OpenVINO model on the same images as the torch timing."""
-    return median_ms(lambda batch: compiled(np.ascontiguousarray(batch.numpy())), images)
+def openvino_run(compiled: CompiledModel, images: torch.Tensor) -> TimedRun:
+    """A compiled OpenVINO model on the same raw images as the torch run."""
+    return (lambda batch: compiled(np.ascontiguousarray(batch.numpy()))), images

@@ -348,6 +348,56 @@ def test_timing_images_are_resized_to_the_exported_input_size() -> None:
     assert timing_images(module, 3).shape == (3, 3, 256, 256), "no size given: images as loaded"
 
 
+def test_timed_runs_take_turns_on_every_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``median_ms`` warms every run up once, then passes image i to every run before image i + 1.
+
+    A fake clock that only the runs advance makes each run's milliseconds exact, so the medians
+    are checked without timing anything.
+    """
+    from types import SimpleNamespace
+
+    from anomalib_feddymem.benchmark import timing
+
+    clock = [0.0]
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    calls = []
+
+    def run(name: str, milliseconds: list[float]) -> Any:  # noqa: ANN401
+        durations = iter(milliseconds)
+
+        def call(batch: torch.Tensor) -> None:
+            calls.append((name, tuple(batch.shape), float(batch[0, 0])))
+            clock[0] += next(durations) / 1000
+
+        return call
+
+    images = torch.arange(3.0).view(3, 1)
+    runs = {
+        "model": (run("model", [100, 5, 1, 9]), images),
+        ("model", "backbone"): (run("bb", [100, 2, 2, 3]), images + 10),
+    }
+    ms = timing.median_ms(runs)
+    assert [(name, value) for name, _, value in calls] == [
+        ("model", 0.0), ("bb", 10.0),  # warm-up, untimed
+        ("model", 0.0), ("bb", 10.0), ("model", 1.0), ("bb", 11.0), ("model", 2.0), ("bb", 12.0),
+    ]  # fmt: skip
+    assert all(shape == (1, 1) for _, shape, _ in calls), "one image at a time"
+    assert ms == {"model": pytest.approx(5.0), ("model", "backbone"): pytest.approx(2.0)}
+
+
+def test_timed_runs_refuse_different_image_counts() -> None:
+    """Runs with different numbers of images (or none) cannot be compared: the error says so."""
+    from anomalib_feddymem.benchmark.timing import median_ms
+
+    def noop(_batch: torch.Tensor) -> None:
+        return None
+
+    with pytest.raises(ValueError, match="same, non-zero number of images"):
+        median_ms({"a": (noop, torch.zeros(3, 1)), "b": (noop, torch.zeros(2, 1))})
+    with pytest.raises(ValueError, match="same, non-zero number of images"):
+        median_ms({"a": (noop, torch.zeros(0, 1))})
+
+
 class _Scored(torch.nn.Module):
     """An anomalib-like model: ``model`` is the torch network the evaluation runs."""
 
