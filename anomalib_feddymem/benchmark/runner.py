@@ -169,9 +169,10 @@ def _time_models(
         for method, run in runs.items():
             model = run.scores[dataset].models[0]
             timed[method, "infer_ms_per_image"] = torch_run(model, images)
-            if method.startswith("feddymem"):
-                timed[method, "backbone_ms_per_image"] = backbone_run(model, images)
-            if config.openvino and method.startswith("feddymem"):
+            if not method.startswith("feddymem"):
+                continue
+            timed[method, "backbone_ms_per_image"] = backbone_run(model, images)
+            if config.openvino:
                 if id(model) not in compiled:
                     export_root = config.federation.output_dir / "exports" / method / dataset
                     compiled[id(model)] = compile_openvino(
